@@ -1,0 +1,212 @@
+"""ViT image encoder of SAM-Med2D: SAM's windowed ViT with an adapter in every block.
+
+Faithful to the published network (same parameters, same outputs) but computed with less work:
+
+* Windowed blocks project ``qkv`` on the real tokens only. The published code pads the token grid to a multiple of
+  the window first, and projects the padding too; a padded (zero) token projects to the ``qkv`` bias, so the padded
+  keys and values are filled in with that bias instead of being computed.
+* The decomposed relative-position bias is folded into the attention product: each query is extended with its
+  row and column terms and each key with a one-hot of its row and column, so one fused
+  ``scaled_dot_product_attention`` call computes ``q.k * scale + rel_h + rel_w`` without building the
+  ``(L, L)`` bias tensor.
+* The output projection also runs on the real tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import Adapter
+from .common import LayerNorm2d, MLPBlock
+
+
+def relative_position_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
+    """Relative-position embeddings for every (query, key) pair along one axis of a ``size``-long grid.
+
+    Args:
+        rel_pos: ``(L, C)`` table; resized linearly to ``2 * size - 1`` rows when its length differs.
+        size: number of query (and key) positions along the axis.
+
+    Returns:
+        ``(size, size, C)`` where entry ``[i, j]`` is the embedding of the offset ``i - j``.
+    """
+    max_rel_dist = 2 * size - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
+        )
+        rel_pos = rel_pos.reshape(-1, max_rel_dist).permute(1, 0)
+    coords = torch.arange(size, device=rel_pos.device)
+    relative = coords[:, None] - coords[None, :] + (size - 1)
+    return rel_pos[relative]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a token grid with decomposed relative-position bias.
+
+    Works on one grid or on a batch of windows: input ``(B, H, W, 3C)`` already-projected ``qkv``,
+    output ``(B, H, W, C)`` before the output projection (see :meth:`attend`).
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_size: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv``: ``(B, H, W, 3C)`` -> attention output ``(B, H, W, C)``."""
+        batch, height, width, _ = qkv.shape
+        tokens = height * width
+        # (3, B, heads, H, W, head_dim)
+        qkv = qkv.reshape(batch, height, width, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)
+        table_h = relative_position_table(self.rel_pos_h, height)  # (H, H, head_dim)
+        table_w = relative_position_table(self.rel_pos_w, width)  # (W, W, head_dim)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, table_h).reshape(batch, self.num_heads, tokens, height)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, table_w).reshape(batch, self.num_heads, tokens, width)
+        eye_h = torch.eye(height, dtype=q.dtype, device=q.device)
+        eye_w = torch.eye(width, dtype=q.dtype, device=q.device)
+        key_row = eye_h.repeat_interleave(width, dim=0).expand(batch, self.num_heads, tokens, height)
+        key_col = eye_w.repeat(height, 1).expand(batch, self.num_heads, tokens, width)
+        query = torch.cat([q.reshape(batch, self.num_heads, tokens, -1) * self.scale, rel_h, rel_w], dim=-1)
+        key = torch.cat([k.reshape(batch, self.num_heads, tokens, -1), key_row, key_col], dim=-1)
+        out = F.scaled_dot_product_attention(query, key, v.reshape(batch, self.num_heads, tokens, -1), scale=1.0)
+        return out.transpose(1, 2).reshape(batch, height, width, -1)
+
+    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        """``x``: normalised tokens ``(B, H, W, C)`` -> ``(B, H, W, C)``.
+
+        With ``window_size > 0`` attention runs inside non-overlapping windows of the grid padded (with zero tokens,
+        as the published encoder pads) to a multiple of the window.
+        """
+        batch, height, width, dim = x.shape
+        qkv = self.qkv(x)
+        if window_size > 0:
+            pad_h = (window_size - height % window_size) % window_size
+            pad_w = (window_size - width % window_size) % window_size
+            if pad_h or pad_w:
+                padded = self.qkv.bias.to(qkv.dtype).expand(batch, height + pad_h, width + pad_w, 3 * dim).clone()
+                padded[:, :height, :width] = qkv
+                qkv = padded
+            windows = window_partition(qkv, window_size)
+            out = window_unpartition(self.attend(windows), window_size, (height + pad_h, width + pad_w))
+            out = out[:, :height, :width]
+        else:
+            out = self.attend(qkv)
+        return self.proj(out)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """``(B, H, W, C)`` with H, W multiples of ``window_size`` -> ``(B * nH * nW, ws, ws, C)``."""
+    batch, height, width, channels = x.shape
+    x = x.view(batch, height // window_size, window_size, width // window_size, window_size, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, channels)
+
+
+def window_unpartition(windows: torch.Tensor, window_size: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nH * nW, ws, ws, C)`` -> ``(B, H, W, C)``."""
+    height, width = grid_hw
+    num_h, num_w = height // window_size, width // window_size
+    batch = windows.shape[0] // (num_h * num_w)
+    x = windows.view(batch, num_h, num_w, window_size, window_size, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, -1)
+
+
+class Block(nn.Module):
+    """Transformer block: ``x + attn(norm1(x))``, then ``x + mlp(n) + adapter(n)`` with ``n = norm2(x)``."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid_size: int, adapter: bool
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, grid_size=window_size if window_size > 0 else grid_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.window_size = window_size
+        self.Adapter = Adapter(dim) if adapter else None
+        self.adapter_enabled = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        x = x + self.attn(self.norm1(x), self.window_size)
+        normed = self.norm2(x)
+        out = x + self.mlp(normed)
+        if self.Adapter is not None and self.adapter_enabled:
+            out = out + self.Adapter(normed)
+        return out
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection: ``(B, 3, H, W)`` -> channels-last ``(B, H/p, W/p, C)``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class ImageEncoderViT(nn.Module):
+    """SAM-Med2D image encoder: ``(B, 3, S, S)`` normalised image -> ``(B, out_chans, S/16, S/16)`` embedding."""
+
+    def __init__(
+        self,
+        img_size: int = 256,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        window_size: int = 14,
+        global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11),
+        adapter: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                window_size=0 if i in global_attn_indexes else window_size,
+                grid_size=grid,
+                adapter=adapter,
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(block.Adapter is not None for block in self.blocks)
+
+    def set_adapters_enabled(self, enabled: bool) -> None:
+        """Switch the adapter branch on or off (off is the paper's SAM-Med2D*)."""
+        if enabled and not self.has_adapters:
+            raise ValueError("this encoder was built without adapters")
+        for block in self.blocks:
+            block.adapter_enabled = enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))

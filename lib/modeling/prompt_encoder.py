@@ -1,0 +1,137 @@
+"""SAM's prompt encoder: points, boxes and a low-resolution mask to sparse and dense embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .common import LayerNorm2d
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Positional encoding with random spatial frequencies (Tancik et al.), as in SAM."""
+
+    def __init__(self, num_pos_feats: int = 64, scale: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        """``(..., 2)`` coordinates normalised to [0, 1] -> ``(..., 2 * num_pos_feats)``."""
+        coords = 2 * coords - 1
+        coords = coords @ self.positional_encoding_gaussian_matrix
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+    def forward(self, size: tuple[int, int]) -> torch.Tensor:
+        """Encoding of every cell centre of an ``(H, W)`` grid: ``(C, H, W)``."""
+        h, w = size
+        device = self.positional_encoding_gaussian_matrix.device
+        grid = torch.ones((h, w), device=device, dtype=self.positional_encoding_gaussian_matrix.dtype)
+        y_embed = (grid.cumsum(dim=0) - 0.5) / h
+        x_embed = (grid.cumsum(dim=1) - 0.5) / w
+        return self._pe_encoding(torch.stack([x_embed, y_embed], dim=-1)).permute(2, 0, 1)
+
+    def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """``(B, N, 2)`` pixel (x, y) in an ``(H, W)`` frame -> ``(B, N, C)``."""
+        coords = coords_input.clone()
+        coords[:, :, 0] = coords[:, :, 0] / image_size[1]
+        coords[:, :, 1] = coords[:, :, 1] / image_size[0]
+        return self._pe_encoding(coords.to(torch.float))
+
+
+class PromptEncoder(nn.Module):
+    """Encodes prompts given in the model's input frame (``input_image_size``, pixels, (x, y) order).
+
+    Outputs sparse embeddings ``(B, N, C)`` for points and box corners and dense embeddings ``(B, C, h, w)`` for
+    the mask prompt (``(B, 1, 4h, 4w)`` logits or probabilities), where ``(h, w)`` is the image-embedding grid.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        image_embedding_size: tuple[int, int],
+        input_image_size: tuple[int, int],
+        mask_in_chans: int,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.input_image_size = input_image_size
+        self.image_embedding_size = image_embedding_size
+        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        # Order: negative point, positive point, box top-left, box bottom-right.
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans // 4),
+            nn.GELU(),
+            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans),
+            nn.GELU(),
+            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        """Positional encoding of the image-embedding grid: ``(1, C, h, w)``."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        points = points + 0.5  # centre of the pixel
+        if pad:
+            padding_point = torch.zeros((points.shape[0], 1, 2), device=points.device, dtype=points.dtype)
+            padding_label = -torch.ones((labels.shape[0], 1), device=labels.device, dtype=labels.dtype)
+            points = torch.cat([points, padding_point], dim=1)
+            labels = torch.cat([labels, padding_label], dim=1)
+        embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)
+        labels = labels[..., None]
+        embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
+        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
+        embedding = embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        return embedding
+
+    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        corners = (boxes + 0.5).reshape(-1, 2, 2)
+        embedding = self.pe_layer.forward_with_coords(corners, self.input_image_size)
+        corner_embed = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0)
+        return embedding + corner_embed
+
+    def forward(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed prompts for B prompt rows.
+
+        Args:
+            points: coordinates ``(B, N, 2)`` and labels ``(B, N)`` (1 foreground, 0 background, -1 padding).
+            boxes: ``(B, 4)`` XYXY.
+            masks: ``(B, 1, 4h, 4w)``.
+
+        Returns:
+            sparse ``(B, N', C)`` and dense ``(B, C, h, w)`` embeddings.
+        """
+        if points is not None:
+            batch = points[0].shape[0]
+        elif boxes is not None:
+            batch = boxes.shape[0]
+        elif masks is not None:
+            batch = masks.shape[0]
+        else:
+            batch = 1
+        weight = self.no_mask_embed.weight
+        parts = [torch.empty((batch, 0, self.embed_dim), device=weight.device, dtype=weight.dtype)]
+        if points is not None:
+            parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
+        if boxes is not None:
+            parts.append(self._embed_boxes(boxes))
+        sparse = torch.cat(parts, dim=1)
+        if masks is not None:
+            dense = self.mask_downscaling(masks)
+        else:
+            dense = weight.reshape(1, -1, 1, 1).expand(batch, -1, *self.image_embedding_size)
+        return sparse, dense
