@@ -5,10 +5,8 @@ Faithful to the published network (same parameters, same outputs) but computed w
 * Windowed blocks project ``qkv`` on the real tokens only. The published code pads the token grid to a multiple of
   the window first, and projects the padding too; a padded (zero) token projects to the ``qkv`` bias, so the padded
   keys and values are filled in with that bias instead of being computed.
-* The decomposed relative-position bias is folded into the attention product: each query is extended with its
-  row and column terms and each key with a one-hot of its row and column, so one fused
-  ``scaled_dot_product_attention`` call computes ``q.k * scale + rel_h + rel_w`` without building the
-  ``(L, L)`` bias tensor.
+* The decomposed relative-position bias enters one fused ``scaled_dot_product_attention`` call as its additive
+  mask, instead of separate matmul, add, softmax and matmul passes over the ``(L, L)`` scores.
 * The output projection also runs on the real tokens only.
 """
 
@@ -64,20 +62,15 @@ class Attention(nn.Module):
         """``qkv``: ``(B, H, W, 3C)`` -> attention output ``(B, H, W, C)``."""
         batch, height, width, _ = qkv.shape
         tokens = height * width
-        # (3, B, heads, H, W, head_dim)
-        qkv = qkv.reshape(batch, height, width, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
-        q, k, v = qkv.unbind(0)
+        # (3, B, heads, H*W, head_dim)
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         table_h = relative_position_table(self.rel_pos_h, height)  # (H, H, head_dim)
         table_w = relative_position_table(self.rel_pos_w, width)  # (W, W, head_dim)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, table_h).reshape(batch, self.num_heads, tokens, height)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, table_w).reshape(batch, self.num_heads, tokens, width)
-        eye_h = torch.eye(height, dtype=q.dtype, device=q.device)
-        eye_w = torch.eye(width, dtype=q.dtype, device=q.device)
-        key_row = eye_h.repeat_interleave(width, dim=0).expand(batch, self.num_heads, tokens, height)
-        key_col = eye_w.repeat(height, 1).expand(batch, self.num_heads, tokens, width)
-        query = torch.cat([q.reshape(batch, self.num_heads, tokens, -1) * self.scale, rel_h, rel_w], dim=-1)
-        key = torch.cat([k.reshape(batch, self.num_heads, tokens, -1), key_row, key_col], dim=-1)
-        out = F.scaled_dot_product_attention(query, key, v.reshape(batch, self.num_heads, tokens, -1), scale=1.0)
+        grid_q = q.reshape(batch, self.num_heads, height, width, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)  # (B, heads, H, W, H_k)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)  # (B, heads, H, W, W_k)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, self.num_heads, tokens, tokens)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return out.transpose(1, 2).reshape(batch, height, width, -1)
 
     def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
