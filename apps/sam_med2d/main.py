@@ -1,0 +1,223 @@
+"""MONAI Label app serving SAM-Med2D for interactive segmentation (Slicer, OHIF, REST).
+
+    monailabel start_server --app apps/sam_med2d --studies <dir> [--conf key value ...]
+
+Conf keys (all optional):
+
+``model``         ``vit_b`` (default) or a path to a config JSON (a ``meta.json`` with a ``config`` entry works)
+``checkpoint``    base weights, any layout :func:`lib.checkpoint.load_model` reads; default: ``sam-med2d_b.pth`` (or the
+                  only weights file) in ``model_dir``, downloaded there when absent and ``download`` is true
+``model_dir``     where the served and published weights live (default ``apps/sam_med2d/model``)
+``adapters``      ``true`` (SAM-Med2D) or ``false`` (SAM-Med2D*, adapters switched off)
+``device``        ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available
+``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor)
+``download``      ``true`` (default) / ``false``
+``seed``          seed of the random weights served when there is no checkpoint (default 0)
+``cache_mb``      embedding cache size (default 512)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from fastapi import HTTPException  # noqa: E402
+from monailabel.config import settings  # noqa: E402
+from monailabel.datastore.local import LocalDatastore  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
+from monailabel.utils.others.generic import strtobool  # noqa: E402
+
+from infers.sam_med2d import SamMed2DInfer  # noqa: E402
+from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
+from lib.interactive import InteractiveSegmenter  # noqa: E402
+from lib.model_store import ModelStore  # noqa: E402
+from lib.preprocessing import POLICIES  # noqa: E402
+from lib.prompt_inputs import InvalidRequestError  # noqa: E402
+from lib.published_weights import (  # noqa: E402
+    DownloadError,
+    download_published_weights,
+    find_local_weights,
+    how_to_fetch,
+)
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent
+EXTRA_EXTENSIONS = ["*.dcm"]  # single-frame DICOM images in a local datastore
+
+
+def _flag(conf: dict[str, str], key: str, default: bool) -> bool:
+    value = conf.get(key)
+    return default if value is None else bool(strtobool(str(value)))
+
+
+def _resolve_path(value: str) -> Path:
+    """A conf path: as given (relative to the working directory), else relative to the app folder."""
+    path = Path(value).expanduser()
+    if path.exists() or path.is_absolute():
+        return path.resolve()
+    beside_app = APP_DIR / value
+    return beside_app.resolve() if beside_app.exists() else path.resolve()
+
+
+class SamMed2DApp(MONAILabelApp):
+    """SAM-Med2D interactive segmentation: ``sam_med2d_points`` and ``sam_med2d_box`` (2D images and volume slices).
+
+    Attributes:
+        conf: the ``--conf`` values.
+        network_config: the :class:`SamMed2DConfig` served.
+        model_store: the :class:`ModelStore` of the served weights (trainers publish through it).
+        segmenter: the :class:`InteractiveSegmenter` shared by the infer tasks.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.conf = dict(conf or {})
+        self.network_config: SamMed2DConfig = resolve_config(self.conf.get("model", "vit_b"))
+        model_dir = _resolve_path(self.conf.get("model_dir", str(APP_DIR / "model")))
+        self.download = _flag(self.conf, "download", True)
+        self.checkpoint = self._checkpoint(model_dir)
+        policy = self.conf.get("preprocessing", "evaluation")
+        if policy not in POLICIES:
+            raise ValueError(f"--conf preprocessing must be one of {POLICIES}, got {policy!r}")
+        self.model_store = ModelStore(
+            model_dir,
+            self.network_config,
+            base_checkpoint=self.checkpoint,
+            adapters=_flag(self.conf, "adapters", True),
+            seed=int(self.conf.get("seed", 0)),
+        )
+        device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.segmenter = InteractiveSegmenter(
+            self.model_store,
+            device=device,
+            policy=policy,  # type: ignore[arg-type]
+            cache_bytes=int(float(self.conf.get("cache_mb", 512)) * 2**20),
+        )
+        self.weights_warning: str | None = None
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=self.conf,
+            name="SAM-Med2D",
+            description="Interactive segmentation with SAM-Med2D (points, boxes, previous mask) on 2D images and "
+            "slices of 3D volumes",
+            version="1.0",
+        )
+
+    def _checkpoint(self, model_dir: Path) -> Path | None:
+        value = self.conf.get("checkpoint")
+        if value:
+            path = _resolve_path(value)
+            if not path.is_file():
+                raise FileNotFoundError(f"--conf checkpoint {value}: no such file ({path})")
+            return path
+        return find_local_weights(model_dir)
+
+    # ------------------------------------------------------------------ tasks
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        extensions = list(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
+        extensions += [e for e in EXTRA_EXTENSIONS if e not in extensions]
+        return LocalDatastore(
+            self.studies,
+            extensions=extensions,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {
+            "sam_med2d_points": SamMed2DInfer(lambda: self.segmenter, "points", info_extra=self.weights_info),
+            "sam_med2d_box": SamMed2DInfer(lambda: self.segmenter, "box", info_extra=self.weights_info),
+        }
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {}
+
+    # ------------------------------------------------------------ server life
+    def on_init_complete(self) -> None:
+        """Server start: fetch the published weights if needed, then load the model so the first click only encodes."""
+        super().on_init_complete()
+        store = self.model_store
+        if store.serving_path() is None and self.download and not self.conf.get("checkpoint"):
+            try:
+                store.base_checkpoint = download_published_weights(store.model_dir)
+                self.checkpoint = store.base_checkpoint
+            except DownloadError as exc:
+                logger.error("Could not download the published SAM-Med2D weights: %s", exc)
+        if store.serving_path() is None:
+            self.weights_warning = (
+                f"PREDICTIONS COME FROM UNTRAINED (random, seed {store.seed}) WEIGHTS: no SAM-Med2D checkpoint was "
+                f"found in {store.model_dir}. To fix: {how_to_fetch(store.model_dir)}."
+            )
+            banner = "!" * 100
+            logger.warning("\n%s\n%s\n%s", banner, self.weights_warning, banner)
+        self.segmenter.model()
+        _warm_up_readers()
+        logger.info("SAM-Med2D ready: %s", self.weights_info())
+
+    def weights_info(self) -> dict[str, Any]:
+        store = self.model_store
+        serving = store.serving_path()
+        info: dict[str, Any] = {
+            "model_version": store.active_version(),
+            "weights": str(serving) if serving else None,
+            "trained_weights": serving is not None,
+            "model": self.conf.get("model", "vit_b"),
+            "adapters": store.adapters,
+            "preprocessing": self.segmenter.policy,
+        }
+        if serving is None and self.weights_warning:
+            info["warning"] = self.weights_warning
+        if self.segmenter.last_load_error:
+            info["load_error"] = self.segmenter.last_load_error
+        return info
+
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        meta["sam_med2d"] = {**self.weights_info(), **self.segmenter.stats()}
+        return meta
+
+    # ---------------------------------------------------------------- errors
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAILabelApp.infer, with bad requests answered 4xx (the endpoint turns HTTPException into its status)."""
+        model = request.get("model")
+        if model and model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            store = datastore if datastore else self.datastore()
+            if not store.get_image_uri(image):
+                raise HTTPException(404, f"unknown image {image!r}: not in the datastore and not a file on the server")
+        try:
+            return super().infer(request, datastore)
+        except InvalidRequestError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        except MONAILabelException as exc:
+            if exc.error == MONAILabelError.INVALID_INPUT:
+                raise HTTPException(400, exc.msg) from exc
+            raise
+
+
+def _warm_up_readers() -> None:
+    """Import ITK's IO modules now (ITK loads them lazily, seconds on the first volume otherwise)."""
+    try:
+        import itk
+
+        itk.ImageFileReader  # noqa: B018 (attribute access triggers the lazy import)
+        itk.ImageSeriesReader  # noqa: B018
+    except Exception as exc:  # a missing optional reader must not stop the server
+        logger.warning("ITK warm-up failed: %s", exc)

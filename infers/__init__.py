@@ -1,0 +1,1 @@
+"""MONAI Label infer tasks."""

@@ -1,0 +1,230 @@
+"""MONAI Label infer tasks for SAM-Med2D: clicks and boxes on 2D images and on slices of 3D volumes.
+
+Both registered tasks (``sam_med2d_points`` and ``sam_med2d_box``) run the same pipeline and accept the same request
+(points, a box and the previous mask); they differ in the prompt the client offers first. The stages are
+BasicInferTask's:
+
+- pre transforms: :class:`LoadImageSourced` (the image, read once per content version: on a repeated click only an
+  ``os.stat``), :class:`ReadPromptsd` (the request's prompts checked against the image).
+- inferer: :class:`lib.interactive.InteractiveSegmenter`, which encodes a view once and keeps the prompt-independent
+  decoder inputs with the embedding, so a click costs one decoder pass.
+- post transforms: :class:`KeepLargestComponentd` (when ``largest_cc``), :class:`PlaceMaskd` (the mask in the input's
+  geometry: the 2D image, or the whole volume with the clicked slice filled).
+- writer: the label file in the extension and dtype the request names, plus the JSON result.
+
+The request schema is in ``docs/prompts.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import strtobool
+
+from lib.image_source import ImageReadError
+from lib.interactive import InteractiveSegmenter, Segmentation
+from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts
+
+logger = logging.getLogger(__name__)
+
+LABEL_VALUE = 1
+RESULT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
+PICTURE_RESULTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".mha", ".seg.nrrd")
+
+
+class LoadImageSourced:
+    """``data["image"]`` (a path) -> ``data["image_source"]`` (:class:`lib.image_source.ImageSource`), reused while
+    the file's size and mtime are unchanged."""
+
+    def __init__(self, segmenter: Callable[[], InteractiveSegmenter], key: str = "image") -> None:
+        self.segmenter = segmenter
+        self.key = key
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        path = d.get(self.key)
+        if not isinstance(path, str) or not path:
+            raise InvalidRequestError("unknown image: it is neither in the datastore nor a file on the server", 404)
+        if not os.path.exists(path):
+            raise InvalidRequestError(f"unknown image {os.path.basename(path)!r}: no such file on the server", 404)
+        try:
+            d["image_source"], d["image_in_memory"] = self.segmenter().source(path)
+        except ImageReadError as exc:
+            raise InvalidRequestError(f"unreadable image: {exc}", 422) from exc
+        return d
+
+
+class ReadPromptsd:
+    """The request's prompts -> ``data["prompts"]`` (:class:`lib.prompt_inputs.ViewPrompts`) in view pixels."""
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        source = d["image_source"]
+        d["prompts"] = parse_prompts(d, source.view_hw, source.num_slices if source.is_volume else None)
+        return d
+
+
+class KeepLargestComponentd:
+    """Keep the largest 8-connected component of ``data["pred"]`` (``(H, W)`` bool) when ``largest_cc`` is true."""
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        if not parse_bool(d.get("largest_cc"), "largest_cc", default=False) or not d["pred"].any():
+            return d
+        from scipy import ndimage
+
+        components, count = ndimage.label(d["pred"], structure=np.ones((3, 3), dtype=bool))
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            d["pred"] = components == (int(np.argmax(sizes)) + 1)
+        return d
+
+
+class PlaceMaskd:
+    """``data["pred"]`` (``(H, W)`` bool view mask) -> the label in the input's geometry.
+
+    A 2D image gets an ``(H, W)`` label; a volume gets an ``(I, J, K)`` label (ITK index order, like the loaded
+    volume) that is empty except on the clicked slice.
+    """
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        source = d["image_source"]
+        view_mask = d["pred"]
+        if source.is_volume:
+            label = np.zeros(source.pixels.shape[:3], dtype=np.uint8)
+            label[:, :, d["prompts"].slice_index] = view_mask.T * LABEL_VALUE
+        else:
+            label = view_mask.astype(np.uint8) * LABEL_VALUE
+        d["pred"] = label
+        return d
+
+
+class SamMed2DInfer(BasicInferTask):
+    """SAM-Med2D interactive segmentation (MONAI Label type ``deepgrow``, dimension 2).
+
+    Args:
+        segmenter: returns the app's shared :class:`InteractiveSegmenter` (called per request, so the task stays
+            cheap to build and every client of the worker shares one embedding cache).
+        first_prompt: ``"points"`` or ``"box"``: what the client offers first.
+        info_extra: returns fields added to :meth:`info` (served weights, warnings).
+    """
+
+    def __init__(
+        self,
+        segmenter: Callable[[], InteractiveSegmenter],
+        first_prompt: str = "points",
+        labels: Sequence[str] | None = None,
+        info_extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        if first_prompt not in ("points", "box"):
+            raise ValueError(f"first_prompt must be 'points' or 'box', got {first_prompt!r}")
+        description = (
+            "SAM-Med2D: click foreground/background points; a box and the previous mask refine it"
+            if first_prompt == "points"
+            else "SAM-Med2D: draw a box (Slicer ROI or [x1, y1, x2, y2]); points and the previous mask refine it"
+        )
+        super().__init__(
+            path=None,
+            network=None,
+            type=InferType.DEEPGROW,
+            labels=list(labels) if labels else ["object"],
+            dimension=2,
+            description=description,
+            config={"multimask_output": "auto", "reset": False, "largest_cc": False},
+        )
+        self.segmenter = segmenter
+        self.first_prompt = first_prompt
+        self.info_extra = info_extra
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        d["first_prompt"] = self.first_prompt
+        if self.info_extra is not None:
+            d.update(self.info_extra())
+        return d
+
+    def is_valid(self) -> bool:
+        return True
+
+    def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
+        return [LoadImageSourced(self.segmenter), ReadPromptsd()]
+
+    def inverse_transforms(self, data: dict[str, Any] | None = None) -> None:
+        return None
+
+    def post_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
+        return [KeepLargestComponentd(), PlaceMaskd()]
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
+        """Decode the prompts on the (cached) image embedding; ``data["pred"]`` is the ``(H, W)`` view mask."""
+        reset = parse_bool(data.get("reset"), "reset", default=False)
+        result: Segmentation = self.segmenter().segment_view(
+            data["image_source"],
+            data["prompts"],
+            client_id=str(data.get("client_id") or ""),
+            label=str(data.get("label") or ""),
+            reset=bool(reset),
+        )
+        d = data
+        d["pred"] = result.mask
+        d["result"] = {
+            "iou": round(result.iou, 6),
+            "embedding_cached": result.embedding_cached,
+            "used_previous_mask": result.used_previous_mask,
+            "multimask_output": result.multimask_output,
+            "slice": result.slice_index,
+            "image_in_memory": bool(d.get("image_in_memory")),
+            "model_version": result.model_version,
+            "timings_ms": result.timings_ms,
+            "label": d.get("label") or "",
+            "client_id": d.get("client_id") or "",
+        }
+        if self.info_extra is not None:
+            d["result"].update(self.info_extra())
+        return d
+
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
+        """Write ``data["pred"]`` as ``result_extension`` (default ``.png`` for 2D, ``.nii.gz`` for volumes) with
+        ``result_dtype`` (default uint8); returns the file and the JSON result."""
+        source = data["image_source"]
+        label = data["pred"]
+        ext = str(data.get("result_extension") or (".nii.gz" if source.is_volume else ".png")).lower()
+        if not ext.startswith("."):
+            ext = "." + ext
+        dtype_name = str(data.get("result_dtype") or "uint8").lower()
+        if dtype_name not in RESULT_DTYPES:
+            raise InvalidRequestError(
+                f"result_dtype {dtype_name!r} is not supported; use one of {sorted(RESULT_DTYPES)}"
+            )
+        if ext not in PICTURE_RESULTS + VOLUME_RESULTS:
+            raise InvalidRequestError(f"result_extension {ext!r} is not supported; use .png, .nrrd, .nii.gz or .nii")
+        if ext in PICTURE_RESULTS and source.is_volume:
+            raise InvalidRequestError(f"result_extension {ext!r} cannot hold a volume; use .nrrd or .nii.gz")
+        label = label.astype(RESULT_DTYPES[dtype_name], copy=False)
+        compress = bool(strtobool(str(data.get("result_compress", False))))
+        fd, output = tempfile.mkstemp(suffix=ext, prefix="sam_med2d_")
+        os.close(fd)
+        if ext in PICTURE_RESULTS:
+            from PIL import Image
+
+            if label.dtype not in (np.uint8, np.uint16):
+                raise InvalidRequestError(
+                    f"result_dtype {dtype_name!r} cannot be written as {ext}; use uint8 or uint16"
+                )
+            Image.fromarray(label).save(output, compress_level=1)
+        else:
+            from monailabel.transform.writer import write_itk
+
+            # write_itk takes monailabel's (x, y[, z]) array order: transpose a 2D (row, column) label.
+            array = label if source.is_volume else label.T
+            write_itk(array, output, source.affine if source.is_volume else None, None, compress)
+        return output, dict(data.get("result", {}))

@@ -1,0 +1,226 @@
+"""Images as annotators send them (2D pictures, single DICOM frames, 3D volumes) and their 2D views for the model.
+
+Coordinates follow MONAI Label's clients: a 2D image is addressed by ``[x, y]`` (column, row); a volume by voxel
+``[i, j, k]`` in ITK index order (what Slicer and OHIF send), where a slice ``k`` is shown with ``i`` across and ``j``
+down. A view is always returned as an ``(H, W, 3)`` uint8 picture whose pixel ``(x, y)`` is ``image[y, x]``; for a
+volume slice that is ``volume[x, y, k]``, so clicks map without any transposition by the caller.
+
+Intensities: 8-bit pictures are used as they are (the paper keeps 2D images in 0..255). Anything else (CT, MR, 16-bit
+pictures, DICOM) is mapped to 0..255 by min-max over the whole image or volume, as the paper prepares its 3D data,
+or over a window ``(low, high)`` when the client asks for one. Nothing here imports the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageReadError(ValueError):
+    """The file is missing, of an unsupported kind or unreadable; the message names it and says why."""
+
+
+def suffix_of(path: str | Path) -> str:
+    """The file's extension, with the double extension of ``.nii.gz``, lower case."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def fingerprint(path: str | Path) -> str:
+    """Cheap identity of a file's content (size and mtime in ns; for a DICOM folder, those of every file)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            digest = hashlib.sha1()
+            with os.scandir(path) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if entry.is_file():
+                        st = entry.stat()
+                        digest.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+            return f"dir:{digest.hexdigest()}"
+        st = path.stat()
+    except OSError as exc:
+        raise ImageReadError(f"image {path} cannot be accessed: {exc.strerror or exc}") from exc
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+@dataclasses.dataclass
+class ImageSource:
+    """One image as loaded once per content version.
+
+    Attributes:
+        path: where it was read from.
+        content: :func:`fingerprint` at load time.
+        pixels: 2D ``(H, W)`` or ``(H, W, 3)``; volumes ``(I, J, K)`` (ITK index order).
+        is_volume: a 3D volume (clicks carry a slice) rather than a 2D image.
+        affine: the volume's 4x4 RAS affine (MONAI convention), ``None`` for 2D images.
+        value_range: ``(min, max)`` of the whole image, the default intensity window.
+    """
+
+    path: str
+    content: str
+    pixels: np.ndarray
+    is_volume: bool
+    affine: np.ndarray | None = None
+    value_range: tuple[float, float] = (0.0, 255.0)
+
+    @property
+    def needs_mapping(self) -> bool:
+        """Whether intensities must be mapped to 0..255 (anything but an 8-bit picture)."""
+        return self.is_volume or self.pixels.dtype != np.uint8
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.pixels.shape[2]) if self.is_volume else 1
+
+    @property
+    def view_hw(self) -> tuple[int, int]:
+        """``(H, W)`` of every 2D view: for a volume ``(J, I)``."""
+        if self.is_volume:
+            return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pixels.nbytes)
+
+    def view(self, slice_index: int | None = None, window: tuple[float, float] | None = None) -> np.ndarray:
+        """The 2D picture the model sees: ``(H, W, 3)`` uint8.
+
+        Args:
+            slice_index: slice ``k`` of a volume (required for volumes, ignored for 2D images).
+            window: intensity ``(low, high)`` mapped to 0..255; default: the whole image's min..max. Ignored for
+                8-bit pictures.
+        """
+        if self.is_volume:
+            if slice_index is None:
+                raise ValueError("a volume needs a slice index")
+            plane = self.pixels[:, :, slice_index].T
+        else:
+            plane = self.pixels
+        if self.needs_mapping:
+            low, high = window if window is not None else self.value_range
+            plane = to_uint8(plane, low, high)
+        if plane.ndim == 2:
+            plane = np.repeat(plane[:, :, None], 3, axis=2)
+        return np.ascontiguousarray(plane)
+
+
+def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``[low, high]`` linearly to 0..255 (clipped, floored as ``astype`` does)."""
+    scale = 255.0 / (high - low) if high > low else 0.0
+    mapped = (values.astype(np.float32) - np.float32(low)) * np.float32(scale)
+    return np.clip(mapped, 0.0, 255.0).astype(np.uint8)
+
+
+def read_image(path: str | Path) -> ImageSource:
+    """Load a 2D picture, a single-frame DICOM, a volume file or a DICOM series folder.
+
+    Raises:
+        ImageReadError: missing, unsupported or unreadable input.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"image {path} does not exist")
+    content = fingerprint(path)
+    if path.is_dir():
+        return _read_volume(path, content)
+    suffix = suffix_of(path)
+    if suffix in PICTURE_SUFFIXES:
+        return _read_picture(path, content)
+    if suffix in VOLUME_SUFFIXES:
+        return _read_volume(path, content)
+    if suffix in DICOM_SUFFIXES or _looks_like_dicom(path):
+        return _read_dicom_frame(path, content)
+    raise ImageReadError(
+        f"image {path.name}: unsupported file type {suffix or '(none)'}; use PNG/JPG, single-frame DICOM, "
+        "NIfTI, NRRD or a DICOM series folder"
+    )
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _with_range(pixels: np.ndarray) -> tuple[float, float]:
+    if pixels.size == 0:
+        raise ImageReadError("empty image")
+    return float(pixels.min()), float(pixels.max())
+
+
+def _read_picture(path: Path, content: str) -> ImageSource:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                pixels = np.asarray(img)
+            elif img.mode in ("L", "1"):
+                pixels = np.asarray(img.convert("L"))
+            else:
+                pixels = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageReadError(f"image {path.name} is not a readable picture: {exc}") from exc
+    return ImageSource(str(path), content, pixels, is_volume=False, value_range=_with_range(pixels))
+
+
+def _read_dicom_frame(path: Path, content: str) -> ImageSource:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixel_data_handlers.util import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise ImageReadError(
+                f"image {path.name} is a multi-frame DICOM ({frames} frames); send a series folder or a NIfTI volume"
+            )
+        pixels = ds.pixel_array
+    except ImageReadError:
+        raise
+    except (InvalidDicomError, AttributeError, KeyError, ValueError, OSError, NotImplementedError) as exc:
+        raise ImageReadError(f"image {path.name} is not a readable DICOM image: {exc}") from exc
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        if pixels.dtype != np.uint8:
+            pixels = to_uint8(pixels, float(pixels.min()), float(pixels.max()))
+        return ImageSource(str(path), content, np.ascontiguousarray(pixels), is_volume=False)
+    if pixels.ndim != 2:
+        raise ImageReadError(f"image {path.name}: unsupported DICOM pixel layout {pixels.shape}")
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)  # stored values -> HU etc.
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    return ImageSource(str(path), content, values, is_volume=False, value_range=_with_range(values))
+
+
+def _read_volume(path: Path, content: str) -> ImageSource:
+    from monai.data import ITKReader
+    from monai.transforms import LoadImage
+
+    try:
+        image = LoadImage(reader=ITKReader(), image_only=True)(str(path))
+    except Exception as exc:  # ITK and MONAI raise many types for unreadable input
+        raise ImageReadError(f"image {path.name} is not a readable volume or DICOM series: {exc}") from exc
+    pixels = np.asarray(image.array)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim == 4 and pixels.shape[3] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim != 3:
+        raise ImageReadError(f"image {path.name}: expected a 3D volume, got shape {tuple(pixels.shape)}")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    return ImageSource(str(path), content, pixels, is_volume=True, affine=affine, value_range=_with_range(pixels))

@@ -1,0 +1,370 @@
+"""The interactive segmentation engine behind the server: click, see a mask, click again.
+
+One :class:`InteractiveSegmenter` serves every client of a worker. Per image view it encodes once and keeps, with
+the embedding, everything that does not depend on the prompt (geometry, dense positional encoding, the no-mask dense
+embedding and its sum with the image embedding), so a click costs only the prompt encoder, the two-way decoder and
+the upsampling of one mask. It also keeps each client's last low-resolution mask per image, view and label, which is
+the next click's mask prompt, as in the paper's interactive protocol. Nothing here imports the server.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
+from .image_source import ImageSource, fingerprint, read_image
+from .model_store import ModelStore
+from .modeling import SamMed2D
+from .preprocessing import FrameGeometry, PolicyName, preprocess_image
+from .prompt_inputs import ViewPrompts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Segmentation:
+    """The answer to one click.
+
+    Attributes:
+        mask: ``(H, W)`` bool mask of the view (row ``y``, column ``x``).
+        iou: predicted IoU of the kept mask.
+        low_res: ``(1, 1, s, s)`` logits of the kept mask (the next click's mask prompt).
+        source: the image the view belongs to.
+        slice_index: the volume slice (``None`` for 2D images).
+        embedding_cached: the image embedding came from the cache.
+        used_previous_mask: the previous mask of this client was the mask prompt.
+        multimask_output: whether three candidates were decoded.
+        timings_ms: where the time went.
+        model_version: the served weights' version.
+    """
+
+    mask: np.ndarray
+    iou: float
+    low_res: torch.Tensor
+    source: ImageSource
+    slice_index: int | None
+    embedding_cached: bool
+    used_previous_mask: bool
+    multimask_output: bool
+    timings_ms: dict[str, float]
+    model_version: str
+
+
+class _LRU:
+    """A small thread-safe LRU mapping bounded by entry count."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def pop(self, key: Any) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def prompt_independent_inputs(model: SamMed2D, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the decoder needs from an image embedding ``(1, C, h, w)`` whatever the prompt.
+
+    Returns ``image_pe`` ``(1, C, h, w)``, ``no_mask_dense`` ``(1, C, h, w)`` (the dense embedding used when there is
+    no mask prompt) and ``src_no_mask`` = features + no_mask_dense.
+    """
+    prompt_encoder = model.prompt_encoder
+    image_pe = prompt_encoder.get_dense_pe()
+    no_mask_dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(features).contiguous()
+    return {"image_pe": image_pe, "no_mask_dense": no_mask_dense, "src_no_mask": features + no_mask_dense}
+
+
+def decode_from_src(
+    model: SamMed2D, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder from an already summed ``src`` = image embedding + dense prompt embedding.
+
+    Same computation as :meth:`MaskDecoder.predict_masks` (which takes the two addends), for one prompt row.
+
+    Args:
+        src: ``(1, C, h, w)``; image_pe: ``(1, C, h, w)``; sparse: ``(1, N, C)``.
+
+    Returns:
+        all ``num_mask_tokens`` low-resolution masks ``(1, T, 4h, 4w)`` and predicted IoUs ``(1, T)``.
+    """
+    decoder = model.mask_decoder
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens[None], sparse], dim=1)
+    b, c, h, w = src.shape
+    hs, src_out = decoder.transformer(src, image_pe, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src_out.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(iou_token_out)
+
+
+class InteractiveSegmenter:
+    """Serves clicks on images for many clients, with the served weights of a :class:`ModelStore`.
+
+    Args:
+        store: where the served weights come from; :meth:`ModelStore.version_key` is checked on every click and the
+            model reloaded when it changes (a newly published model serves the next click).
+        device: torch device.
+        policy: preprocessing policy (``evaluation`` as the weights were trained, or ``predictor``).
+        cache_bytes: bound of the embedding cache.
+        max_sources: loaded images kept in memory (volumes are the large ones).
+        max_states: remembered previous masks (client, image, view, label).
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        device: str | torch.device = "cpu",
+        policy: PolicyName = "evaluation",
+        cache_bytes: int = 512 * 2**20,
+        max_sources: int = 4,
+        max_states: int = 512,
+    ) -> None:
+        self.store = store
+        self.device = torch.device(device)
+        self.policy = policy
+        self.cache = EmbeddingCache(cache_bytes)
+        self._sources = _LRU(max_sources)
+        self._states = _LRU(max_states)
+        self._model: SamMed2D | None = None
+        self._model_key: str | None = None
+        self._failed_key: str | None = None
+        self._lock = threading.RLock()
+        self.last_load_error: str | None = None
+
+    # ------------------------------------------------------------------ model
+    def model(self) -> tuple[SamMed2D, str]:
+        """The served model, reloaded when the store's version key changed since the last call."""
+        key = self.store.version_key()
+        with self._lock:
+            if self._model is not None and (key == self._model_key or key == self._failed_key):
+                return self._model, self._model_key  # type: ignore[return-value]
+            start = time.perf_counter()
+            try:
+                model = self.store.load(self.device)
+            except Exception as exc:
+                if self._model is None:
+                    raise
+                self._failed_key = key
+                self.last_load_error = f"{self.store.serving_path()}: {exc}"
+                logger.error("Cannot load new weights (%s); still serving %s", exc, self._model_key)
+                return self._model, self._model_key  # type: ignore[return-value]
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            old = self._model_key
+            self._model, self._model_key, self._failed_key = model, key, None
+            self.last_load_error = None
+            self.cache.invalidate()
+            self._states.clear()
+            logger.info(
+                "Serving weights %s (%s) on %s; loaded in %.2f s%s",
+                self.store.active_version(),
+                key,
+                self.device,
+                time.perf_counter() - start,
+                f"; replaced {old}" if old else "",
+            )
+            return model, key
+
+    @property
+    def loaded_version_key(self) -> str | None:
+        return self._model_key
+
+    # ----------------------------------------------------------------- images
+    def source(self, path: str) -> tuple[ImageSource, bool]:
+        """The loaded image at ``path`` (reloaded when its content changed) and whether it came from memory."""
+        content = fingerprint(path)
+        cached = self._sources.get(path)
+        if cached is not None and cached.content == content:
+            return cached, True
+        source = read_image(path)
+        self._sources.put(path, source)
+        return source, False
+
+    def embedding(
+        self, model: SamMed2D, model_key: str, source: ImageSource, prompts: ViewPrompts
+    ) -> tuple[CachedEmbedding, EmbeddingKey, bool]:
+        """The view's embedding with its prompt-independent decoder inputs, from the cache or computed now."""
+        key = self.embedding_key(source, prompts, model_key)
+        entry = self.cache.get(key)
+        if entry is not None:
+            return entry, key, True
+        cfg = model.config
+        view = source.view(prompts.slice_index, prompts.window)
+        with torch.inference_mode():
+            tensor, geometry = preprocess_image(
+                view, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, self.policy, device=self.device
+            )
+            features = model.encode(tensor)
+            extras = prompt_independent_inputs(model, features)
+        entry = CachedEmbedding(features=features, geometry=geometry, extras=extras)
+        self.cache.put(key, entry)
+        return entry, key, False
+
+    def embedding_key(self, source: ImageSource, prompts: ViewPrompts, model_key: str) -> EmbeddingKey:
+        view = ""
+        if source.is_volume:
+            view = f"axis=2,slice={prompts.slice_index}"
+        if source.needs_mapping:
+            window = prompts.window or source.value_range
+            view += f",window={window[0]:g}:{window[1]:g}"
+        return EmbeddingKey(
+            image=source.path,
+            content=source.content,
+            view=view,
+            preprocessing=f"{self.policy}:{self.store.config.image_size}",
+            model_version=model_key,
+        )
+
+    # ------------------------------------------------------------------ click
+    def segment(
+        self,
+        path: str,
+        prompts_for: Callable[[ImageSource], ViewPrompts],
+        client_id: str = "",
+        label: str = "",
+        reset: bool = False,
+    ) -> Segmentation:
+        """Load (or reuse) the image at ``path``, check the prompts against it and segment (see :meth:`segment_view`).
+
+        ``prompts_for`` turns the loaded image into checked prompts (see :func:`lib.prompt_inputs.parse_prompts`); it
+        runs before any model work, so bad prompts fail fast.
+        """
+        t0 = time.perf_counter()
+        source, _ = self.source(path)
+        prompts = prompts_for(source)
+        result = self.segment_view(source, prompts, client_id, label, reset)
+        result.timings_ms["image"] = round((time.perf_counter() - t0) * 1000 - sum(result.timings_ms.values()), 3)
+        return result
+
+    def segment_view(
+        self,
+        source: ImageSource,
+        prompts: ViewPrompts,
+        client_id: str = "",
+        label: str = "",
+        reset: bool = False,
+    ) -> Segmentation:
+        """Segment the view of ``source`` that ``prompts`` are on.
+
+        Args:
+            source: a loaded image (from :meth:`source`).
+            prompts: checked prompts in the view's pixels.
+            client_id, label: whose interaction this is; the previous mask of the same client, image, view and label
+                is the mask prompt unless ``reset``.
+        """
+        times: dict[str, float] = {}
+        with self._lock:
+            t = time.perf_counter()
+            model, model_key = self.model()
+            times["model"] = time.perf_counter() - t
+            t = time.perf_counter()
+            entry, key, cached = self.embedding(model, model_key, source, prompts)
+            times["embed"] = time.perf_counter() - t
+            state_key = (client_id, key, label)
+            previous = None if reset else self._states.get(state_key)
+            t = time.perf_counter()
+            low_res, iou = self._decode(model, entry, prompts, previous)
+            times["decode"] = time.perf_counter() - t
+            self._states.put(state_key, low_res)
+        t = time.perf_counter()
+        geometry: FrameGeometry = entry.geometry
+        with torch.inference_mode():
+            mask = (geometry.masks_to_original(low_res)[0, 0] > 0).numpy()
+        times["upsample"] = time.perf_counter() - t
+        return Segmentation(
+            mask=mask,
+            iou=float(iou),
+            low_res=low_res,
+            source=source,
+            slice_index=prompts.slice_index,
+            embedding_cached=cached,
+            used_previous_mask=previous is not None,
+            multimask_output=prompts.multimask_output,
+            timings_ms={k: round(v * 1000, 3) for k, v in times.items()},
+            model_version=self.store.active_version(),
+        )
+
+    def _decode(
+        self, model: SamMed2D, entry: CachedEmbedding, prompts: ViewPrompts, previous: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (+ the previous logits) -> kept low-res logits ``(1, 1, s, s)`` and predicted IoU (scalar)."""
+        geometry: FrameGeometry = entry.geometry
+        with torch.inference_mode():
+            points = None
+            if prompts.num_points:
+                coords = torch.as_tensor(geometry.points_to_input(prompts.point_coords), dtype=torch.float32)
+                labels = torch.as_tensor(prompts.point_labels, dtype=torch.int64)
+                points = (coords[None].to(self.device), labels[None].to(self.device))
+            boxes = None
+            if prompts.box is not None:
+                boxes = torch.as_tensor(geometry.boxes_to_input(prompts.box), dtype=torch.float32)[None].to(self.device)
+            sparse, _ = model.prompt_encoder(points, boxes, None)
+            if previous is None:
+                src = entry.extras["src_no_mask"]
+            else:
+                # The published predictor passes logits; training and evaluation pass probabilities.
+                mask_prompt = previous if self.policy == "predictor" else torch.sigmoid(previous)
+                src = entry.features + model.prompt_encoder.mask_downscaling(mask_prompt)
+            masks, iou = decode_from_src(model, src, entry.extras["image_pe"], sparse)
+            if prompts.multimask_output:
+                candidates = iou[:, 1:]
+                best = int(candidates.argmax(dim=1)) + 1
+            else:
+                best = 0
+            return masks[:, best : best + 1].clone(), iou[0, best]
+
+    def forget(self, client_id: str | None = None) -> None:
+        """Drop remembered masks (all, or one client's)."""
+        if client_id is None:
+            self._states.clear()
+            return
+        with self._states._lock:
+            for key in [k for k in self._states._items if k[0] == client_id]:
+                self._states._items.pop(key, None)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "embedding_cache": self.cache.stats(),
+            "images_in_memory": len(self._sources),
+            "interaction_states": len(self._states),
+            "policy": self.policy,
+            "device": str(self.device),
+        }

@@ -1,0 +1,262 @@
+"""Prompts as MONAI Label clients send them, checked and turned into pixels of one 2D view.
+
+The request schema is described for users in ``docs/prompts.md``. In short:
+
+``foreground`` / ``background``
+    lists of clicks: ``[x, y]`` on a 2D image (``[x, y, 0]`` from Slicer, which loads pictures as one-slice volumes);
+    voxel ``[i, j, k]`` on a volume (``[i, j]`` together with ``slice``).
+``box``
+    ``[x1, y1, x2, y2]`` in pixels of the view (on a volume: ``[i1, j1, i2, j2]`` on the clicked slice);
+    ``roi`` is accepted as a synonym, and so is Slicer's 6-value IJK ``roi``
+    ``[i_a, i_b, j_a, j_b, k_a, k_b]`` (each pair in either order, as Slicer's RAS->IJK rounding gives them).
+``slice``
+    the slice ``k`` of a volume; optional when the clicks (or the ROI's k range) say it.
+``multimask_output``
+    ``true``/``false``/``"auto"``: auto decodes SAM's three candidate masks (keeping the best predicted IoU) for a
+    lone click, and the single mask otherwise.
+``window``
+    ``[low, high]`` or ``{"level": L, "width": W}``: intensities mapped to 0..255 (volumes, DICOM, 16-bit pictures).
+``reset``, ``client_id``, ``label``
+    interaction state: the previous mask of the same client, image, slice and label is the next mask prompt unless
+    ``reset`` is true.
+
+Errors raise :class:`InvalidRequestError` with an HTTP-like status and a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class InvalidRequestError(ValueError):
+    """A request the server cannot honour; ``status`` is the HTTP status to answer with (4xx)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewPrompts:
+    """Prompts in pixels of one 2D view (``x`` across, ``y`` down), ready for the model.
+
+    Attributes:
+        point_coords: ``(N, 2)`` float (x, y); ``point_labels``: ``(N,)`` 1 foreground, 0 background.
+        box: ``(4,)`` XYXY or ``None``.
+        slice_index: the volume slice the prompts are on (``None`` for 2D images).
+        multimask_output: decode three candidates and keep the best predicted IoU.
+        window: intensity window ``(low, high)`` or ``None`` for the image's own range.
+    """
+
+    point_coords: np.ndarray
+    point_labels: np.ndarray
+    box: np.ndarray | None
+    slice_index: int | None
+    multimask_output: bool
+    window: tuple[float, float] | None
+
+    @property
+    def num_points(self) -> int:
+        return int(self.point_labels.shape[0])
+
+
+def parse_bool(value: Any, name: str, default: bool | None = None) -> bool | None:
+    """``true``/``false`` as JSON booleans, numbers or strings; ``"auto"``/``None`` give ``default``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    raise InvalidRequestError(f"{name} must be true, false or 'auto', got {value!r}")
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{what} must be finite, got {value!r}")
+    return float(value)
+
+
+def _as_list(value: Any, name: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a JSON list, got a string {value!r}")
+    if not isinstance(value, Sequence):
+        raise InvalidRequestError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def parse_window(value: Any) -> tuple[float, float] | None:
+    """``[low, high]`` or ``{"level"|"center": L, "width": W}`` -> ``(low, high)``; ``None`` when absent."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, Mapping):
+        level = value.get("level", value.get("center"))
+        if level is None or "width" not in value:
+            raise InvalidRequestError("window as an object needs 'level' (or 'center') and 'width'")
+        level, width = _number(level, "window level"), _number(value["width"], "window width")
+        low, high = level - width / 2, level + width / 2
+    else:
+        items = _as_list(value, "window")
+        if len(items) != 2:
+            raise InvalidRequestError(f"window must be [low, high], got {value!r}")
+        low, high = _number(items[0], "window low"), _number(items[1], "window high")
+    if not high > low:
+        raise InvalidRequestError(f"window [low, high] must have high > low, got [{low}, {high}]")
+    return low, high
+
+
+def parse_slice(value: Any, num_slices: int) -> int | None:
+    if value is None or value == "":
+        return None
+    k = _number(value, "slice")
+    if k != int(k):
+        raise InvalidRequestError(f"slice must be an integer, got {value!r}")
+    k = int(k)
+    if k < 0:  # Slicer and the SAM2 app send -1 for "no slice"
+        return None
+    if k >= num_slices:
+        raise InvalidRequestError(
+            f"slice {k} is out of range: the volume has {num_slices} slices (0..{num_slices - 1})"
+        )
+    return k
+
+
+def parse_prompts(
+    request: Mapping[str, Any],
+    view_hw: tuple[int, int],
+    num_slices: int | None,
+) -> ViewPrompts:
+    """Check a request's prompts against the image and express them in pixels of one view.
+
+    Args:
+        request: the infer request (``foreground``, ``background``, ``box``/``roi``, ``slice``, ``multimask_output``,
+            ``window``).
+        view_hw: ``(H, W)`` of the 2D view (for a volume ``(J, I)``).
+        num_slices: ``K`` for a volume, ``None`` for a 2D image.
+
+    Raises:
+        InvalidRequestError: malformed, out-of-image or contradictory prompts, or none at all.
+    """
+    h, w = view_hw
+    is_volume = num_slices is not None
+    slice_index = parse_slice(request.get("slice"), num_slices) if is_volume else None
+
+    clicks: list[tuple[float, float, int]] = []
+    click_slices: set[int] = set()
+    for name, label in (("foreground", 1), ("background", 0)):
+        for n, point in enumerate(_as_list(request.get(name), name)):
+            where = f"{name} point {n} {point!r}"
+            coords = _as_list(point, where)
+            if len(coords) not in (2, 3):
+                raise InvalidRequestError(f"{where} must be [x, y] or [i, j, k]")
+            x, y = _number(coords[0], where), _number(coords[1], where)
+            if len(coords) == 3:
+                k = _number(coords[2], where)
+                if k != int(k):
+                    raise InvalidRequestError(f"{where}: slice index k must be an integer")
+                if not is_volume and k != 0:
+                    raise InvalidRequestError(f"{where} is outside the image: a 2D image has only slice 0")
+                if is_volume:
+                    if not 0 <= k < num_slices:
+                        raise InvalidRequestError(
+                            f"{where} is outside the image: slice {int(k)} of a volume with {num_slices} slices"
+                        )
+                    click_slices.add(int(k))
+            if not (0 <= x < w and 0 <= y < h):
+                size = f"{w}x{h} (x in 0..{w - 1}, y in 0..{h - 1})"
+                raise InvalidRequestError(f"{where} is outside the image of size {size}")
+            clicks.append((x, y, label))
+
+    box, box_slices = _parse_box(request, (h, w), is_volume)
+
+    if is_volume:
+        if slice_index is None and len(click_slices) > 1:
+            raise InvalidRequestError(
+                f"clicks are on several slices {sorted(click_slices)}; send the clicks of one slice (or 'slice')"
+            )
+        if slice_index is None and click_slices:
+            slice_index = next(iter(click_slices))
+        if slice_index is not None and click_slices - {slice_index}:
+            raise InvalidRequestError(f"clicks on slices {sorted(click_slices)} do not match slice {slice_index}")
+        if box_slices is not None:
+            k_low, k_high = box_slices
+            if slice_index is None:
+                slice_index = (k_low + k_high) // 2
+            elif not k_low <= slice_index <= k_high:
+                raise InvalidRequestError(f"the roi's slices {k_low}..{k_high} do not include slice {slice_index}")
+            if not 0 <= slice_index < num_slices:
+                raise InvalidRequestError(
+                    f"roi slice {slice_index} is out of range: the volume has {num_slices} slices"
+                )
+        if slice_index is None:
+            if num_slices == 1:
+                slice_index = 0
+            else:
+                raise InvalidRequestError("which slice? send voxel clicks [i, j, k], 'slice', or a 6-value roi")
+
+    if not clicks and box is None:
+        raise InvalidRequestError("no prompt: send foreground/background points or a box")
+
+    coords = np.array([[c[0], c[1]] for c in clicks], dtype=np.float64).reshape(-1, 2)
+    labels = np.array([c[2] for c in clicks], dtype=np.int64)
+    auto_multimask = len(clicks) == 1 and box is None
+    multimask = parse_bool(request.get("multimask_output"), "multimask_output", default=auto_multimask)
+    return ViewPrompts(
+        point_coords=coords,
+        point_labels=labels,
+        box=box,
+        slice_index=slice_index,
+        multimask_output=bool(multimask),
+        window=parse_window(request.get("window")),
+    )
+
+
+def _parse_box(
+    request: Mapping[str, Any], view_hw: tuple[int, int], is_volume: bool
+) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """The box in view pixels and, for a 6-value ROI, its slice range."""
+    name = "box" if request.get("box") not in (None, [], "") else "roi"
+    values = _as_list(request.get(name), name)
+    if not values:
+        return None, None
+    numbers = [_number(v, f"{name} value") for v in values]
+    h, w = view_hw
+    slices = None
+    if len(numbers) == 6:  # Slicer: [i_a, i_b, j_a, j_b, k_a, k_b], pairs unordered
+        x1, x2 = sorted(numbers[0:2])
+        y1, y2 = sorted(numbers[2:4])
+        k1, k2 = sorted(numbers[4:6])
+        if k1 != int(k1) or k2 != int(k2):
+            raise InvalidRequestError(f"{name}: slice indices must be integers, got {values!r}")
+        slices = (int(k1), int(k2))
+        if not is_volume and slices != (0, 0):
+            raise InvalidRequestError(f"{name} {values!r} is outside the image: a 2D image has only slice 0")
+    elif len(numbers) == 4:
+        x1, y1, x2, y2 = numbers
+        if x2 < x1 or y2 < y1:
+            raise InvalidRequestError(
+                f"inverted {name} {values!r}: expected [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2"
+            )
+    else:
+        raise InvalidRequestError(
+            f"{name} must be [x1, y1, x2, y2] or Slicer's 6-value IJK roi [i1, i2, j1, j2, k1, k2], got {values!r}"
+        )
+    if x1 == x2 or y1 == y2:
+        raise InvalidRequestError(f"empty {name} {values!r}: it has zero width or height")
+    if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+        raise InvalidRequestError(f"{name} {values!r} is outside the image of size {w}x{h}")
+    return np.array([x1, y1, x2, y2], dtype=np.float64), slices
