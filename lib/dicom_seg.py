@@ -143,7 +143,7 @@ def read_series(files: Sequence[str | Path]):
         SegError: no files, files that are not DICOM, or a series that SimpleITK cannot assemble into a volume.
     """
     import pydicom
-    import SimpleITK as sitk
+    import SimpleITK
     from pydicom.errors import InvalidDicomError
 
     files = [str(f) for f in files]
@@ -157,7 +157,7 @@ def read_series(files: Sequence[str | Path]):
             raise SegError(f"{Path(f).name} is not a readable DICOM file: {exc}") from exc
     folder = str(Path(files[0]).parent)
     try:
-        reader = sitk.ImageSeriesReader()
+        reader = SimpleITK.ImageSeriesReader()
         names = reader.GetGDCMSeriesFileNames(folder, str(datasets[0].SeriesInstanceUID))
         reader.SetFileNames(names or files)
         volume = reader.Execute()
@@ -188,7 +188,7 @@ def write_seg(
         SegError: empty label, values without a segment, or a label whose shape is not the series'.
     """
     import pydicom_seg
-    import SimpleITK as sitk
+    import SimpleITK
 
     label = np.asarray(label)
     size = tuple(reference.GetSize())
@@ -196,9 +196,9 @@ def write_seg(
         label = label[:, :, None]
     if label.shape != size:
         raise SegError(f"the label's shape {label.shape} is not the series' voxel grid {size} (I, J, K)")
-    if not np.issubdtype(label.dtype, np.integer) and not np.issubdtype(label.dtype, np.bool_):
-        if not np.all(np.equal(np.mod(label, 1), 0)):
-            raise SegError("the label must hold integer segment numbers")
+    is_integral = np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.bool_)
+    if not is_integral and not np.all(np.equal(np.mod(label, 1), 0)):
+        raise SegError("the label must hold integer segment numbers")
     label = label.astype(np.uint16)
     present = sorted(int(v) for v in np.unique(label) if v != 0)
     if not present:
@@ -207,7 +207,7 @@ def write_seg(
     missing = [v for v in present if v not in described]
     if missing:
         raise SegError(f"label values {missing} have no segment description")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(label.transpose(2, 1, 0)))
+    image = SimpleITK.GetImageFromArray(np.ascontiguousarray(label.transpose(2, 1, 0)))
     image.CopyInformation(reference)
     writer = pydicom_seg.MultiClassWriter(
         template=_template([s for s in segments if s.number in present], series_description, algorithm),
@@ -250,7 +250,7 @@ def read_seg(seg, reference) -> SegLabels:
     """
     import pydicom
     import pydicom_seg
-    import SimpleITK as sitk
+    import SimpleITK
     from pydicom.errors import InvalidDicomError
 
     name = "DICOM SEG"
@@ -271,10 +271,12 @@ def read_seg(seg, reference) -> SegLabels:
     segments: dict[int, Segment] = {}
     for number in sorted(result.available_segments):
         info = result.segment_infos[number]
-        mask_image = sitk.Cast(result.segment_image(number), sitk.sitkUInt8)
-        on_grid = sitk.Resample(mask_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        mask = sitk.GetArrayFromImage(on_grid).transpose(2, 1, 0).astype(bool)
-        if sitk.GetArrayViewFromImage(mask_image).any() and not mask.any():
+        mask_image = SimpleITK.Cast(result.segment_image(number), SimpleITK.sitkUInt8)
+        on_grid = SimpleITK.Resample(
+            mask_image, reference, SimpleITK.Transform(), SimpleITK.sitkNearestNeighbor, 0, SimpleITK.sitkUInt8
+        )
+        mask = SimpleITK.GetArrayFromImage(on_grid).transpose(2, 1, 0).astype(bool)
+        if SimpleITK.GetArrayViewFromImage(mask_image).any() and not mask.any():
             raise SegError(f"{name}: segment {number} lies outside the image series it references")
         masks[number] = mask
         rgb = info.get("RecommendedDisplayCIELabValue")
