@@ -168,11 +168,11 @@ def _read_picture(path: Path, content: str) -> ImageSource:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                pixels = np.asarray(img)
+                pixels = np.array(img)
             elif img.mode in ("L", "1"):
-                pixels = np.asarray(img.convert("L"))
+                pixels = np.array(img.convert("L"))
             else:
-                pixels = np.asarray(img.convert("RGB"))
+                pixels = np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageReadError(f"image {path.name} is not a readable picture: {exc}") from exc
     return ImageSource(str(path), content, pixels, is_volume=False, value_range=_with_range(pixels))

@@ -11,7 +11,7 @@ Conf keys (all optional):
 ``adapters``      ``true`` (SAM-Med2D) or ``false`` (SAM-Med2D*, adapters switched off)
 ``device``        ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available
 ``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor)
-``download``      ``true`` (default) / ``false``
+``download``      ``true`` (default) / ``false``; ``download_url`` overrides where from
 ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 512)
 """
@@ -46,6 +46,7 @@ from lib.model_store import ModelStore  # noqa: E402
 from lib.preprocessing import POLICIES  # noqa: E402
 from lib.prompt_inputs import InvalidRequestError  # noqa: E402
 from lib.published_weights import (  # noqa: E402
+    PUBLISHED_URL,
     DownloadError,
     download_published_weights,
     find_local_weights,
@@ -154,7 +155,8 @@ class SamMed2DApp(MONAILabelApp):
         store = self.model_store
         if store.serving_path() is None and self.download and not self.conf.get("checkpoint"):
             try:
-                store.base_checkpoint = download_published_weights(store.model_dir)
+                url = self.conf.get("download_url", PUBLISHED_URL)
+                store.base_checkpoint = download_published_weights(store.model_dir, url=url)
                 self.checkpoint = store.base_checkpoint
             except DownloadError as exc:
                 logger.error("Could not download the published SAM-Med2D weights: %s", exc)
