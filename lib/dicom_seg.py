@@ -165,6 +165,8 @@ def read_series(files: Sequence[str | Path]):
         raise SegError(f"the series in {folder} cannot be read as a volume: {str(exc).strip()[-300:]}") from exc
     if volume.GetDimension() == 4 and volume.GetSize()[3] == 1:
         volume = volume[:, :, :, 0]
+    if volume.GetDimension() == 2:  # one 2D instance (e.g. an ultrasound frame): a volume of one slice
+        volume = SimpleITK.JoinSeries(volume)
     return volume, datasets
 
 

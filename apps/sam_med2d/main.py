@@ -139,6 +139,14 @@ class SamMed2DApp(MONAILabelApp):
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
+    def init_remote_datastore(self) -> Datastore:
+        """DICOMweb: the app's datastore (CT/MR/US listing, DICOM SEG labels; see dicomweb.py); XNAT/DSA as is."""
+        if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+            return super().init_remote_datastore()
+        from apps.sam_med2d.dicomweb import init_dicomweb_datastore
+
+        return init_dicomweb_datastore(self.studies, self.conf)
+
     def init_infers(self) -> dict[str, InferTask]:
         return {
             "sam_med2d_points": SamMed2DInfer(lambda: self.segmenter, "points", info_extra=self.weights_info),
