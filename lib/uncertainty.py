@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from .modeling import SamMed2D
 from .predictor import Predictor
 from .preprocessing import FrameGeometry, PolicyName, preprocess_image
 from .prompts import PromptRandom, jitter_boxes, largest_component_box, random_points
+from .retraining import write_json_atomic
 
 METHODS = ("disagreement", "iou", "combined")
 
@@ -198,3 +201,27 @@ class UncertaintyScorer:
             seed_from_click=seed_from_click,
             num_prompts=cfg.num_prompts,
         )
+
+
+class UncertaintyScores:
+    """The scores of a datastore's images, kept in one JSON file (written atomically) beside the served model.
+
+    Layout: ``{"scores": {image id: {"score", "disagreement", "predicted_iou", "model_version", "content", "ts"}},
+    "progress": {"model_version", "done", "total", "started_at", "finished_at"}}``. The scoring task (a background
+    process) writes it; the strategy in the server reads it, never a half-written file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {"scores": {}, "progress": {}}
+        try:
+            data = json.loads(self.path.read_text())
+        except ValueError:
+            return {"scores": {}, "progress": {}}
+        return {"scores": dict(data.get("scores", {})), "progress": dict(data.get("progress", {}))}
+
+    def save(self, data: dict[str, Any]) -> None:
+        write_json_atomic(self.path, data)

@@ -1,0 +1,190 @@
+"""Which image to label next: the SAM-Med2D uncertainty scoring task and strategy (plus MONAI Label's ``random`` and
+``first``), part of the active-learning loop.
+
+* :class:`SamUncertaintyScoring` (``/scoring/sam_uncertainty``) scores every unlabeled image with the served model
+  (:class:`lib.uncertainty.UncertaintyScorer`), in MONAI Label's background scoring process, and keeps the scores in
+  ``<model dir>/uncertainty_scores.json`` with its progress. An image already scored with the same model version and
+  content is skipped, so a rerun after new labels costs nothing and a rerun after a promotion rescores everything.
+  Volumes are scored on their middle slice.
+* :class:`SamUncertaintyStrategy` (``/activelearning/sam_uncertainty``) returns the unlabeled image the served model
+  is least sure about. Images handed out in the last ``hold_seconds`` come last (two annotators get different images).
+  Scores of an older model version are used only when none of the current one exist yet; with no score at all it
+  falls back to the first unlabeled image and says so in the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from lib.image_source import ImageReadError, fingerprint, read_image
+from lib.model_store import ModelStore
+from lib.preprocessing import PolicyName
+from lib.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
+
+logger = logging.getLogger(__name__)
+
+NAME = "sam_uncertainty"
+SCORES_FILE = "uncertainty_scores.json"
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class SamUncertaintyScoring(ScoringMethod):
+    """Scores the unlabeled images of the datastore with the served model.
+
+    Args:
+        model_store: the served weights.
+        config: scoring settings (prompts, method, seed).
+        device: where the model runs.
+        policy: preprocessing policy (the one inference uses).
+        threads: torch CPU threads of the scoring process (few, so inference keeps its cores).
+    """
+
+    def __init__(
+        self,
+        model_store: ModelStore,
+        config: UncertaintyConfig | None = None,
+        device: str = "cpu",
+        policy: PolicyName = "evaluation",
+        threads: int = 1,
+    ) -> None:
+        super().__init__("SAM-Med2D uncertainty of unlabeled images (disagreement of perturbed prompts, predicted IoU)")
+        self.model_store = model_store
+        self.config = config or UncertaintyConfig()
+        self.device = device
+        self.policy = policy
+        self.threads = threads
+        self.scores = UncertaintyScores(model_store.model_dir / SCORES_FILE)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "config": dict(vars(self.config)), "progress": self.scores.load()["progress"]}
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        if self.device == "cpu" and self.threads > 0:
+            torch.set_num_threads(self.threads)
+        version = self.model_store.active_version()
+        version_key = self.model_store.version_key()
+        images = sorted(datastore.get_unlabeled_images())
+        data = self.scores.load()
+        todo = []
+        for image_id in images:
+            entry = data["scores"].get(image_id)
+            if not (
+                entry
+                and entry.get("model_key") == version_key
+                and entry.get("content") == _content(datastore, image_id)
+            ):
+                todo.append(image_id)
+        data["progress"] = {
+            "model_version": version,
+            "done": len(images) - len(todo),
+            "total": len(images),
+            "started_at": _now_iso(),
+            "finished_at": None,
+        }
+        self.scores.save(data)
+        logger.info(
+            f"Uncertainty scoring with model {version}: {len(todo)} of {len(images)} unlabeled images need a score"
+        )
+        if not todo:
+            data["progress"]["finished_at"] = _now_iso()
+            self.scores.save(data)
+            return {"model_version": version, "scored": 0, "total": len(images)}
+
+        scorer = UncertaintyScorer(self.model_store.load(self.device), self.config, policy=self.policy)
+        start = time.perf_counter()
+        failed = 0
+        for count, image_id in enumerate(todo, 1):
+            path = datastore.get_image_uri(image_id)
+            try:
+                source = read_image(path)
+                view = source.view(source.num_slices // 2 if source.is_volume else None)
+                result = scorer.score(view)
+                data["scores"][image_id] = {
+                    **result.to_dict(),
+                    "model_version": version,
+                    "model_key": version_key,
+                    "content": source.content,
+                    "ts": int(time.time()),
+                }
+            except ImageReadError as exc:
+                failed += 1
+                logger.warning(f"Uncertainty scoring: {image_id} skipped: {exc}")
+            data["progress"]["done"] = len(images) - len(todo) + count
+            self.scores.save(data)
+            logger.info(
+                f"Uncertainty scoring: {count}/{len(todo)} {image_id} -> "
+                f"{data['scores'].get(image_id, {}).get('score', float('nan')):.4f} "
+                f"({(time.perf_counter() - start) / count:.2f} s/image)"
+            )
+        data["progress"]["finished_at"] = _now_iso()
+        self.scores.save(data)
+        return {"model_version": version, "scored": len(todo) - failed, "failed": failed, "total": len(images)}
+
+
+def _content(datastore: Datastore, image_id: str) -> str | None:
+    path = datastore.get_image_uri(image_id)
+    return fingerprint(path) if path else None
+
+
+class SamUncertaintyStrategy(Strategy):
+    """Next sample: the unlabeled image with the highest uncertainty score under the served model.
+
+    Args:
+        model_store: the served weights (whose version the scores must match).
+        hold_seconds: an image handed out more recently than this comes after all others.
+    """
+
+    def __init__(self, model_store: ModelStore, hold_seconds: float = 300.0) -> None:
+        super().__init__("The unlabeled image SAM-Med2D is least sure about (run /scoring/sam_uncertainty first)")
+        self.model_store = model_store
+        self.hold_seconds = hold_seconds
+        self.scores = UncertaintyScores(model_store.model_dir / SCORES_FILE)
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        strategy = request.get("strategy", NAME)
+        key = self.model_store.version_key()
+        data = self.scores.load()
+        scores = data["scores"]
+        current = {i: scores[i] for i in images if i in scores and scores[i].get("model_key") == key}
+        stale = {i: scores[i] for i in images if i in scores and i not in current}
+        pool, freshness = (current, "current") if current else (stale, "stale") if stale else ({}, "none")
+        now = time.time()
+
+        def recently_served(image_id: str) -> bool:
+            served = datastore.get_image_info(image_id).get("strategy", {}).get(strategy, {}).get("ts", 0)
+            return now - served < self.hold_seconds
+
+        if not pool:
+            image = sorted(images)[0]
+            logger.info(f"{NAME}: no uncertainty scores yet; first unlabeled image {image}")
+            return {"id": image, "score_source": "none (no scores yet; run /scoring/sam_uncertainty)"}
+        ranked = sorted(pool, key=lambda i: (recently_served(i), -float(pool[i]["score"]), i))
+        image = ranked[0]
+        entry = pool[image]
+        logger.info(
+            f"{NAME}: {image} (score {entry['score']:.4f}, model {entry.get('model_version')}, {freshness} scores, "
+            f"{len(pool)} scored of {len(images)} unlabeled)"
+        )
+        return {
+            "id": image,
+            NAME: float(entry["score"]),
+            "disagreement": entry.get("disagreement"),
+            "predicted_iou": entry.get("predicted_iou"),
+            "scored_with": entry.get("model_version"),
+            "score_source": freshness,
+            "scored_images": len(pool),
+            "unlabeled_images": len(images),
+        }

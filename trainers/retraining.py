@@ -1,0 +1,200 @@
+"""The retraining scheduler of the active-learning loop: it runs inside the server and decides when to train.
+
+Every ``retrain_poll_seconds`` it reads the final labels the datastore holds (label files' size and mtime, so labels
+saved through ``PUT /datastore/label`` and labels copied in as files count alike), asks the trigger policy
+(:class:`lib.retraining.RetrainingController`) whether a run is due and, if so, starts one the way ``POST /train``
+does: MONAI Label's background task runner, a subprocess that rebuilds the app, so inference keeps answering in the
+server. It follows every train task, including manual ``/train`` requests, and records how each ended:
+
+``promoted``       the trainer published a new version (its validation Dice was not lower than the served model's)
+``not_promoted``   the run finished but the served model stayed (validation Dice dropped)
+``failed``         the task exited with an error (the served model is untouched)
+``stopped``        stopped through ``DELETE /train``
+
+After a promotion it asks for the uncertainty scores to be recomputed with the new model. Everything is logged
+(``Retraining: run N started (labels: 5 new final labels ...)`` / ``... ended: promoted; serving v0002-...``) and
+shown in ``/info`` under ``retraining``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from monailabel.config import settings
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.utils.async_tasks.task import AsyncTask
+from monailabel.utils.async_tasks.utils import tasks
+
+from lib.model_store import ModelStore
+from lib.retraining import (
+    FAILED,
+    NOT_PROMOTED,
+    PROMOTED,
+    STATE_FILE,
+    STOPPED,
+    RetrainingController,
+    RetrainPolicy,
+    Trigger,
+)
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = ("SUBMITTED", "RUNNING")
+
+
+def final_label_stamps(datastore: Datastore, refresh: bool = False) -> dict[str, str]:
+    """``{image id: stamp}`` of every final label; the stamp (file size and mtime) changes when a label is replaced."""
+    if refresh:
+        datastore.refresh()
+    stamps: dict[str, str] = {}
+    for image_id in datastore.get_labeled_images():
+        label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
+        uri = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL) if label_id else ""
+        try:
+            stat = os.stat(uri)
+            stamps[image_id] = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except (OSError, TypeError):
+            stamps[image_id] = str(datastore.get_label_info(label_id, DefaultLabelTag.FINAL).get("ts", ""))
+    return stamps
+
+
+class RetrainingScheduler:
+    """Starts training runs when the policy says so and records their outcome.
+
+    Args:
+        app: the MONAI Label app (its ``datastore()``, ``model_store`` and ``async_scoring``).
+        policy: the triggers (from ``--conf retrain_*``).
+        model: the train task to run.
+        train_params: request parameters of the runs it starts (e.g. ``{"max_epochs": 2}``).
+        rescore: scoring methods to rerun after a promotion.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        policy: RetrainPolicy,
+        model: str,
+        train_params: Mapping[str, Any] | None = None,
+        rescore: tuple[str, ...] = (),
+    ) -> None:
+        self.app = app
+        self.store: ModelStore = app.model_store
+        self.model = model
+        self.train_params = dict(train_params or {})
+        self.rescore = rescore
+        self.controller = RetrainingController(self.store.model_dir / STATE_FILE, policy)
+        self._known_tasks: set[str] = set()
+        self._tick_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def policy(self) -> RetrainPolicy:
+        return self.controller.policy
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def start(self) -> None:
+        """Start polling in a daemon thread (call once, in the server process only)."""
+        if self._thread is not None:
+            return
+        p = self.policy
+        logger.info(
+            f"Retraining scheduler: after_labels={p.after_labels or 'off'}, interval_minutes="
+            f"{p.interval_minutes or 'off'}, cron={p.cron or 'off'}, min_labels={p.min_labels}, model={self.model}, "
+            f"params={self.train_params}; state in {self.controller.state_path}; serving {self.store.active_version()}"
+        )
+        self._thread = threading.Thread(target=self._loop, name="retraining-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                logger.exception("Retraining scheduler: poll failed (will retry)")
+            self._stop.wait(self.policy.poll_seconds)
+
+    def tick(self) -> dict[str, Any] | None:
+        """One poll: follow train tasks, then start a run if one is due; returns the record of a run started."""
+        with self._tick_lock:
+            labels = final_label_stamps(self.app.datastore(), refresh=not settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
+            self._follow(labels)
+            busy = any(t.get("status") in ACTIVE for t in tasks("train"))
+            if not self.policy.enabled and not self.controller.queued:
+                return None
+            return self.controller.begin(labels, busy, self._launch, self.store.active_version())
+
+    def _launch(self, trigger: Trigger) -> str | None:
+        """Start a train task as ``POST /train/<model>`` does; ``None`` when one is already running."""
+        task, detail = AsyncTask.run("train", request={"model": self.model}, params=dict(self.train_params))
+        if task is None:
+            logger.info(f"Retraining: {detail}")
+            return None
+        self._known_tasks.add(task["id"])
+        return str(task["id"])
+
+    # --------------------------------------------------------------------------------------------- bookkeeping
+    def _follow(self, labels: Mapping[str, str]) -> None:
+        running = self.controller.running
+        by_id = {t["id"]: t for t in tasks("train")}
+        if running:
+            task = by_id.get(running.get("task_id"))
+            if task is None:
+                self.controller.finished(FAILED, self.store.active_version(), message="its train task disappeared")
+            elif task.get("status") not in ACTIVE:
+                self._record_end(running, task)
+            else:
+                return
+        for task_id, task in by_id.items():
+            if task_id in self._known_tasks:
+                continue
+            self._known_tasks.add(task_id)
+            if task.get("status") in ACTIVE and self.controller.running is None:
+                params = {k: v for k, v in task.get("request", {}).items() if k not in ("model", "gpus", "bundle_path")}
+                reason = f"manual /train request (params {params})" if params else "manual /train request"
+                self.controller.started(Trigger("manual", reason), labels, task_id, self.store.active_version())
+
+    def _record_end(self, running: Mapping[str, Any], task: Mapping[str, Any]) -> None:
+        after = self.store.active_version()
+        meta = self.store.published_meta()
+        details = [str(line) for line in task.get("details", [])]
+        status = task.get("status")
+        if status == "STOPPED":
+            outcome, message, metrics = STOPPED, "stopped through DELETE /train", {}
+        elif status != "DONE":
+            outcome, metrics = FAILED, {}
+            message = "train task failed; the served model is unchanged. Last output: " + " | ".join(details[-3:])
+        elif after != running.get("version_before") and meta.get("version") == after:
+            outcome, metrics = PROMOTED, dict(meta.get("metrics", {}))
+            message = f"new version {after} serves"
+        else:
+            outcome, metrics = NOT_PROMOTED, {}
+            evidence = [line for line in details if "dice" in line.lower()][-2:]
+            message = "finished without publishing; the served model stays" + (
+                ": " + " | ".join(evidence) if evidence else ""
+            )
+        self.controller.finished(outcome, after, metrics, message)
+        if outcome == PROMOTED:
+            for method in self.rescore:
+                try:
+                    self.app.async_scoring(method)
+                except Exception as exc:  # scoring is best effort; the next /activelearning call retries it
+                    logger.warning(f"Retraining: could not start {method} scoring after promotion: {exc}")
+
+    # ------------------------------------------------------------------------------------------------------ info
+    def info(self) -> dict[str, Any]:
+        """For ``/info``: what serves, the kept versions with metrics, the triggers, the run in progress and history."""
+        return {
+            "active_version": self.store.active_version(),
+            "versions": self.store.list_versions(),
+            **self.controller.summary(),
+        }
