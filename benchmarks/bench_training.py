@@ -1,0 +1,214 @@
+"""Training benchmark: throughput of the simulated-annotator iteration and a learning curve on HC18.
+
+Throughput (CPU, images/s, one process): the small model of the reference (encoder 192 wide, depth 6, 3 heads,
+global attention in blocks 2 and 5, adapters, standard 256-wide decoder) and ViT-B, batch 2 images x 5 masks.
+
+Learning curve: HC18 (../shared/data/hc18, one image per subject) split by subject into 160 training and 40
+held-out images (seeded); the small model trained from scratch (seed 0, default init) for 5 epochs with the
+reference's settings (batch 2, 5 masks per image, Adam 1e-4, 2 threads), then fine-tuned from its last epoch with
+the app's ``continual`` recipe. After every epoch the held-out images are evaluated with the paper's protocol
+(:mod:`lib.evaluation`: box, 1, 3 and 5 clicks, seed 0). Prints tables; writes ``benchmarks/results/
+training_curve.png`` and ``training_curve.json``.
+
+    .venv/bin/python -m benchmarks.bench_training                 # everything (about 15 min on 2 cores)
+    .venv/bin/python -m benchmarks.bench_training --skip-curve    # throughput only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lib.build import build_model  # noqa: E402
+from lib.config import SamMed2DConfig  # noqa: E402
+from lib.evaluation import EvalSample, evaluate_model  # noqa: E402
+from lib.training import (  # noqa: E402
+    SamMed2DDataset,
+    ShardedBatchSampler,
+    SimulatedAnnotator,
+    configure_cpu_math,
+    fit,
+    make_optimizer,
+    read_image,
+    read_mask,
+    recipe,
+)
+
+HC18 = ROOT.parent / "shared" / "data" / "hc18"
+RESULTS = ROOT / "benchmarks" / "results"
+SMALL = SamMed2DConfig(encoder_embed_dim=192, encoder_depth=6, encoder_num_heads=3, encoder_global_attn_indexes=(2, 5))
+# The reference: the published training loop, same config and data, on this machine (2 threads).
+REFERENCE_IMAGES_PER_SECOND = 0.76
+REFERENCE_DICE = {1: (0.674, 0.577, 0.671), 3: (0.762, 0.829, 0.836), 5: (0.874, 0.871, 0.900)}
+
+
+def hc18_split(held_out: int = 40, seed: int = 0) -> tuple[list, list]:
+    """HC18 pairs split by subject (the numeric file prefix) into training and held-out lists."""
+    images = sorted((HC18 / "images").glob("*.png"))
+    subjects = sorted({p.name.split("_")[0] for p in images})
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    held = {subjects[i] for i in order[:held_out]}
+    pairs = [(p, [HC18 / "masks" / p.name]) for p in images]
+    train = [pair for pair in pairs if pair[0].name.split("_")[0] not in held]
+    test = [pair for pair in pairs if pair[0].name.split("_")[0] in held]
+    return train, test
+
+
+def throughput(config: SamMed2DConfig, pairs: list, batches: int, label: str) -> dict:
+    torch.manual_seed(0)
+    model = build_model(config)
+    dataset = SamMed2DDataset(pairs[: 2 * (batches + 1)], config.image_size, masks_per_image=5)
+    dataset.prepare_all()
+    cfg = recipe("continual", {"batch_size": 2, "amp": False})
+    optimizer = make_optimizer(model, cfg)
+    annotator = SimulatedAnnotator(cfg)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=ShardedBatchSampler(len(dataset), 2, shuffle=False))
+    times = []
+    for batch in loader:
+        start = time.perf_counter()
+        annotator(model, optimizer, batch["image"], batch["label"], batch["box"])
+        times.append(time.perf_counter() - start)
+    steady = times[1:]  # the first batch warms up allocators and oneDNN kernels
+    return {
+        "model": label,
+        "images_per_second": 2 / float(np.mean(steady)),
+        "seconds_per_batch": float(np.mean(steady)),
+    }
+
+
+def evaluation_samples(pairs: list) -> list[EvalSample]:
+    return [EvalSample(read_image(i), np.stack([read_mask(m) for m in ms]), str(i)) for i, ms in pairs]
+
+
+def curve(epochs: int, finetune_epochs: int, train_pairs: list, test_pairs: list, out: Path) -> dict:
+    samples = evaluation_samples(test_pairs)
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    rows: list[dict] = []
+
+    def record(stage: str, epoch: int, history: dict | None = None) -> None:
+        result = evaluate_model(model, samples, (1, 3, 5), seed=0)
+        row = {"stage": stage, "epoch": epoch, **{k: float(v) for k, v in result["dice"].items()}}
+        if history is not None:
+            row["images_per_second"] = history["images_per_second"][-1]
+            row["train_loss"] = history["epoch_loss"][-1]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    record("scratch", 0)
+    dataset = SamMed2DDataset(train_pairs, SMALL.image_size, masks_per_image=5, seed=0)
+    dataset.prepare_all()
+    scratch = recipe("continual", {"epochs": epochs, "batch_size": 2, "lr": 1e-4, "amp": False, "val_split": 0})
+    history = fit(model, dataset, scratch, on_epoch=_with_stats(lambda e, eng: record("scratch", e, eng)))
+    torch.save(model.state_dict(), out / "small_hc18_scratch.pt")
+    finetune = recipe("continual", {"epochs": finetune_epochs, "batch_size": 2, "amp": False, "seed": 1})
+    fit(model, dataset, finetune, on_epoch=_with_stats(lambda e, eng: record("fine-tune", epochs + e, eng)))
+    return {"rows": rows, "scratch_history": history}
+
+
+def _with_stats(callback):
+    """Adapt ``record(stage, epoch, history)`` to fit()'s ``on_epoch(epoch, engine)``."""
+
+    def on_epoch(epoch: int, engine) -> None:
+        callback(epoch, engine.state.history)
+
+    return on_epoch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--skip-curve", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--train-images", type=int, default=0, help="use only N training images (quick check)")
+    args = parser.parse_args(argv)
+    if not HC18.is_dir():
+        print(f"HC18 not found at {HC18}: the benchmark needs ../shared/data/hc18", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    configure_cpu_math()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    train_pairs, test_pairs = hc18_split()
+    if args.train_images:
+        train_pairs = train_pairs[: args.train_images]
+    report: dict = {"threads": args.threads, "train_images": len(train_pairs), "held_out_images": len(test_pairs)}
+    if not args.skip_throughput:
+        rows = [
+            throughput(SMALL, train_pairs, 6, "small (192, depth 6)"),
+            throughput(_vit_b(), train_pairs, 2, "ViT-B"),
+        ]
+        report["throughput"] = rows
+        print(f"\nTraining throughput, CPU, {args.threads} threads, batch 2 images x 5 masks, 9 steps per batch")
+        print("| model | images/s | s/batch | vs reference 0.76 img/s |\n|---|---|---|---|")
+        for r in rows:
+            ratio = r["images_per_second"] / REFERENCE_IMAGES_PER_SECOND if r["model"].startswith("small") else None
+            ratio_text = f"{ratio:.2f}x" if ratio else "-"
+            print(f"| {r['model']} | {r['images_per_second']:.3f} | {r['seconds_per_batch']:.2f} | {ratio_text} |")
+    if not args.skip_curve:
+        result = curve(args.epochs, args.finetune_epochs, train_pairs, test_pairs, RESULTS)
+        report["curve"] = result["rows"]
+        print_curve(result["rows"])
+        plot_curve(result["rows"], RESULTS / "training_curve.png")
+    (RESULTS / "training_curve.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _vit_b() -> SamMed2DConfig:
+    return SamMed2DConfig()
+
+
+def print_curve(rows: list[dict]) -> None:
+    print("\nHeld-out HC18 Dice (40 subjects) by epoch; reference = published loop, same config and data")
+    print("| stage | epoch | box | 1 point | 3 points | 5 points | train img/s | reference box / 1 pt / 5 pts |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = REFERENCE_DICE.get(r["epoch"]) if r["stage"] == "scratch" else None
+        ref_text = " / ".join(f"{v:.3f}" for v in ref) if ref else "-"
+        speed = f"{r['images_per_second']:.2f}" if "images_per_second" in r else "-"
+        print(
+            f"| {r['stage']} | {r['epoch']} | {r['box']:.3f} | {r['1 point']:.3f} | {r['3 points']:.3f} | "
+            f"{r['5 points']:.3f} | {speed} | {ref_text} |"
+        )
+
+
+def plot_curve(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    epochs = [r["epoch"] for r in rows]
+    for mode, colour in (("box", "C0"), ("1 point", "C1"), ("3 points", "C2"), ("5 points", "C3")):
+        ax.plot(epochs, [r[mode] for r in rows], "o-", color=colour, label=f"ours: {mode}")
+    ref_epochs = sorted(REFERENCE_DICE)
+    for i, (mode, colour) in enumerate((("box", "C0"), ("1 point", "C1"), ("5 points", "C3"))):
+        ax.plot(ref_epochs, [REFERENCE_DICE[e][i] for e in ref_epochs], "x--", color=colour, label=f"ref: {mode}")
+    scratch_end = max(r["epoch"] for r in rows if r["stage"] == "scratch")
+    ax.axvline(scratch_end + 0.5, color="grey", lw=0.8)
+    ax.text(scratch_end + 0.6, 0.05, "fine-tune (continual)", fontsize=8, color="grey")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out Dice (HC18, 40 subjects)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.set_title("Small SAM-Med2D (192 wide, depth 6) on HC18: learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
