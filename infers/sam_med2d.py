@@ -31,13 +31,14 @@ from monailabel.utils.others.generic import strtobool
 from lib.image_source import ImageReadError
 from lib.interactive import InteractiveSegmenter, Segmentation
 from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts
+from lib.volume_io import write_label
 
 logger = logging.getLogger(__name__)
 
 LABEL_VALUE = 1
 RESULT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
 PICTURE_RESULTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".mha", ".seg.nrrd")
+VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".seg.nrrd")
 
 
 class LoadImageSourced:
@@ -222,9 +223,7 @@ class SamMed2DInfer(BasicInferTask):
                 )
             Image.fromarray(label).save(output, compress_level=1)
         else:
-            from monailabel.transform.writer import write_itk
-
-            # write_itk takes monailabel's (x, y[, z]) array order: transpose a 2D (row, column) label.
+            # Label files hold ITK index order: (i, j, k) for a volume, (x, y) for a picture.
             array = label if source.is_volume else label.T
-            write_itk(array, output, source.affine if source.is_volume else None, None, compress)
+            write_label(array, output, source.affine if source.is_volume else None, compress)
         return output, dict(data.get("result", {}))

@@ -208,19 +208,20 @@ def _read_dicom_frame(path: Path, content: str) -> ImageSource:
 
 
 def _read_volume(path: Path, content: str) -> ImageSource:
-    from monai.data import ITKReader
-    from monai.transforms import LoadImage
+    from .volume_io import read_nifti, read_nrrd, read_with_itk
 
+    suffix = "" if path.is_dir() else suffix_of(path)
+    reader = {".nii": read_nifti, ".nii.gz": read_nifti, ".nrrd": read_nrrd}.get(suffix, read_with_itk)
     try:
-        image = LoadImage(reader=ITKReader(), image_only=True)(str(path))
-    except Exception as exc:  # ITK and MONAI raise many types for unreadable input
-        raise ImageReadError(f"image {path.name} is not a readable volume or DICOM series: {exc}") from exc
-    pixels = np.asarray(image.array)
+        pixels, affine = reader(path)
+    except Exception as exc:  # nibabel, pynrrd, ITK and MONAI raise many types for unreadable input
+        what = "DICOM series" if path.is_dir() else "volume"
+        raise ImageReadError(f"image {path.name} is not a readable {what}: {exc}") from exc
+    pixels = np.asarray(pixels)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if pixels.ndim == 4 and pixels.shape[3] == 1:
         pixels = pixels[..., 0]
     if pixels.ndim != 3:
         raise ImageReadError(f"image {path.name}: expected a 3D volume, got shape {tuple(pixels.shape)}")
-    affine = np.asarray(image.affine, dtype=np.float64)
     return ImageSource(str(path), content, pixels, is_volume=True, affine=affine, value_range=_with_range(pixels))

@@ -176,7 +176,6 @@ class SamMed2DApp(MONAILabelApp):
             banner = "!" * 100
             logger.warning("\n%s\n%s\n%s", banner, self.weights_warning, banner)
         self.segmenter.model()
-        _warm_up_readers()
         logger.info("SAM-Med2D ready: %s", self.weights_info())
 
     def weights_info(self) -> dict[str, Any]:
@@ -220,14 +219,3 @@ class SamMed2DApp(MONAILabelApp):
             if exc.error == MONAILabelError.INVALID_INPUT:
                 raise HTTPException(400, exc.msg) from exc
             raise
-
-
-def _warm_up_readers() -> None:
-    """Import ITK's IO modules now (ITK loads them lazily, seconds on the first volume otherwise)."""
-    try:
-        import itk
-
-        itk.ImageFileReader  # noqa: B018 (attribute access triggers the lazy import)
-        itk.ImageSeriesReader  # noqa: B018
-    except Exception as exc:  # a missing optional reader must not stop the server
-        logger.warning("ITK warm-up failed: %s", exc)
