@@ -31,7 +31,7 @@ from monailabel.utils.others.generic import strtobool
 from lib.image_source import ImageReadError
 from lib.interactive import InteractiveSegmenter, Segmentation
 from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts
-from lib.volume_io import write_label
+from lib.volume_io import write_label, write_slice_label_nrrd
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +90,18 @@ class KeepLargestComponentd:
 
 
 class PlaceMaskd:
-    """``data["pred"]`` (``(H, W)`` bool view mask) -> the label in the input's geometry.
+    """``data["pred"]`` (``(H, W)`` bool view mask) -> label values (``LABEL_VALUE`` on the object).
 
-    A 2D image gets an ``(H, W)`` label; a volume gets an ``(I, J, K)`` label (ITK index order, like the loaded
-    volume) that is empty except on the clicked slice.
+    A 2D image's label is the ``(H, W)`` array. For a volume the label is the volume's ``(I, J, K)`` grid, empty
+    except on the clicked slice; it stays described by the slice (``data["pred"]``, ``(J, I)``) and
+    ``data["label_slice"]`` (``k``) because the writer fills the rest without building the array.
     """
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
-        source = d["image_source"]
-        view_mask = d["pred"]
-        if source.is_volume:
-            label = np.zeros(source.pixels.shape[:3], dtype=np.uint8)
-            label[:, :, d["prompts"].slice_index] = view_mask.T * LABEL_VALUE
-        else:
-            label = view_mask.astype(np.uint8) * LABEL_VALUE
-        d["pred"] = label
+        d["pred"] = d["pred"].astype(np.uint8) * np.uint8(LABEL_VALUE)
+        if d["image_source"].is_volume:
+            d["label_slice"] = d["prompts"].slice_index
         return d
 
 
@@ -211,7 +207,8 @@ class SamMed2DInfer(BasicInferTask):
         if ext in PICTURE_RESULTS and source.is_volume:
             raise InvalidRequestError(f"result_extension {ext!r} cannot hold a volume; use .nrrd or .nii.gz")
         label = label.astype(RESULT_DTYPES[dtype_name], copy=False)
-        compress = bool(strtobool(str(data.get("result_compress", False))))
+        # Volumes answer gzip-compressed unless the client says otherwise (a 512x512x300 label is 75 MB raw).
+        compress = bool(strtobool(str(data.get("result_compress", source.is_volume))))
         fd, output = tempfile.mkstemp(suffix=ext, prefix="sam_med2d_")
         os.close(fd)
         if ext in PICTURE_RESULTS:
@@ -222,8 +219,12 @@ class SamMed2DInfer(BasicInferTask):
                     f"result_dtype {dtype_name!r} cannot be written as {ext}; use uint8 or uint16"
                 )
             Image.fromarray(label).save(output, compress_level=1)
+        elif source.is_volume and ext.endswith(".nrrd"):
+            write_slice_label_nrrd(output, source.pixels.shape[:3], data["label_slice"], label, source.affine, compress)
+        elif source.is_volume:
+            volume = np.zeros(source.pixels.shape[:3], dtype=label.dtype)
+            volume[:, :, data["label_slice"]] = label.T
+            write_label(volume, output, source.affine, compress)
         else:
-            # Label files hold ITK index order: (i, j, k) for a volume, (x, y) for a picture.
-            array = label if source.is_volume else label.T
-            write_label(array, output, source.affine if source.is_volume else None, compress)
+            write_label(label.T, output, None, compress)  # label files hold ITK index order (x, y)
         return output, dict(data.get("result", {}))

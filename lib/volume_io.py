@@ -8,6 +8,9 @@ it costs about 270 MB of server memory.
 
 from __future__ import annotations
 
+import functools
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +89,86 @@ def write_label(label: np.ndarray, path: str | Path, affine: np.ndarray | None, 
         nib.save(image, str(path))
     else:
         raise ValueError(f"cannot write a label as {Path(path).name}: use .nrrd or .nii.gz")
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+_NRRD_TYPES = {"uint8": "uint8", "uint16": "uint16", "int16": "int16", "int32": "int32", "float32": "float"}
+
+
+def write_slice_label_nrrd(
+    path: str | Path,
+    shape: tuple[int, int, int],
+    slice_index: int,
+    plane: np.ndarray,
+    affine: np.ndarray,
+    compress: bool = False,
+) -> None:
+    """Write an ``(I, J, K)`` NRRD label that is empty except on slice ``k``, without building the volume.
+
+    Interactive clicks answer with the whole volume (Slicer and OHIF expect the input's geometry) but only one slice
+    is set; writing that slice into an empty file (a sparse file, or a gzip stream whose empty parts are compressed
+    once) costs a few milliseconds instead of the tens a 512x512xK array costs to build, reorder and write.
+
+    Args:
+        shape: ``(I, J, K)``.
+        plane: the slice as ``(J, I)`` (rows j, columns i), in the label's dtype.
+        affine: RAS affine of the volume.
+        compress: gzip (level 1) instead of raw.
+    """
+    i_size, j_size, k_size = shape
+    if plane.shape != (j_size, i_size):
+        raise ValueError(f"slice of shape {plane.shape} does not fit a volume of shape {shape}")
+    dtype = np.dtype(plane.dtype).newbyteorder("<")
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    vectors = " ".join("(" + ",".join(f"{v:.17g}" for v in lps[:3, axis]) + ")" for axis in range(3))
+    header = (
+        "NRRD0004\n"
+        f"type: {_NRRD_TYPES[dtype.name]}\n"
+        "dimension: 3\n"
+        "space: left-posterior-superior\n"
+        f"sizes: {i_size} {j_size} {k_size}\n"
+        f"space directions: {vectors}\n"
+        "kinds: domain domain domain\n"
+        "endian: little\n"
+        f"encoding: {'gzip' if compress else 'raw'}\n"
+        "space origin: (" + ",".join(f"{v:.17g}" for v in lps[:3, 3]) + ")\n\n"
+    ).encode()
+    block = np.ascontiguousarray(plane, dtype=dtype).tobytes()
+    before = slice_index * len(block)
+    after = (k_size - slice_index - 1) * len(block)
+    with open(path, "wb") as f:
+        f.write(header)
+        if not compress:
+            f.seek(before, 1)
+            f.write(block)
+            f.truncate(len(header) + before + len(block) + after)
+            return
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip member header, no name, unknown OS
+        crc = 0
+        for part in (before, None, after):
+            if part is None:
+                f.write(_deflate_fresh(block))
+                crc = zlib.crc32(block, crc)
+                continue
+            chunks, rest = divmod(part, len(_ZERO_CHUNK))
+            compressed_chunk = _deflated_zero_chunk()
+            for _ in range(chunks):
+                f.write(compressed_chunk)
+                crc = zlib.crc32(_ZERO_CHUNK, crc)
+            if rest:
+                f.write(_deflate_fresh(_ZERO_CHUNK[:rest]))
+                crc = zlib.crc32(memoryview(_ZERO_CHUNK)[:rest], crc)
+        f.write(b"\x03\x00")  # final empty fixed-Huffman block
+        total = before + len(block) + after
+        f.write(struct.pack("<II", crc & 0xFFFFFFFF, total & 0xFFFFFFFF))
+
+
+def _deflate_fresh(data: bytes) -> bytes:
+    """Raw deflate of ``data`` as an independent, byte-aligned, non-final run of blocks (ends with a full flush)."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+
+@functools.lru_cache(maxsize=1)
+def _deflated_zero_chunk() -> bytes:
+    return _deflate_fresh(_ZERO_CHUNK)

@@ -255,6 +255,15 @@ def test_slicer_click_on_volume_slice(server: str, studies: Path, engine: Intera
     # Volume intensities go to 0..255 over the whole volume (as the paper does), so slices share one mapping.
     nifti = np.asanyarray(nib.load(studies / "mr_anatomical.nii.gz").dataobj)
     assert source.value_range == (float(nifti.min()), float(nifti.max()))
+    # Without Slicer's result_extension a volume answers NIfTI, same label, same affine.
+    status, _, data, name = infer(
+        server, "sam_med2d_points", "mr_anatomical", {"foreground": [[i, j, k]], "reset": True}
+    )
+    assert status == 200 and name.endswith(".nii.gz")
+    (tmp_path / "label.nii.gz").write_bytes(data)
+    label_nifti = nib.load(tmp_path / "label.nii.gz")
+    np.testing.assert_allclose(label_nifti.affine, nib.load(studies / "mr_anatomical.nii.gz").affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asanyarray(label_nifti.dataobj)[:, :, k].T.astype(bool), expected.mask)
 
 
 def test_slicer_roi_then_point_on_volume(server: str) -> None:

@@ -1,0 +1,180 @@
+"""Click latency and memory of the served app, through REST, with ViT-B.
+
+Run: ``.venv/bin/python -m benchmarks.bench_app [--clicks 40] [--conf key value ...]``
+
+Starts the real server (``monailabel start_server``, ViT-B with adapters, fp32, seeded random weights unless
+``--conf checkpoint`` is given: speed does not depend on the values) on a temporary datastore holding a 512x512
+picture and a 512x512x64 CT-like volume, then measures with a client as Slicer talks to it (one HTTP request per
+click, the label file and JSON in a multipart answer):
+
+- cold first click: a click on an image the server has not seen (read, preprocess, encode, decode, write);
+- warm clicks p50/p95: further clicks on the same image (the image embedding is cached): a new click without, and a
+  correction with, the previous mask as prompt;
+- the same on a slice of the 3D volume (Slicer's parameters: voxel clicks, ``.nrrd`` uint8 result holding the whole
+  volume), and a cold click on another slice of the loaded volume;
+- the server's resident memory (RSS, and USS: memory only it uses) with ViT-B loaded, after the clicks.
+
+The server's own breakdown of a warm click (from the result JSON) is printed too. The load average is printed
+because other processes on the machine slow every number down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.server_utils import server_pid, start_server, stop_server  # noqa: E402
+
+TARGETS = {"cold_2d": 1.0, "warm_2d_p50": 0.025, "rss_gb": 1.6}
+
+
+def make_datastore(folder: Path) -> None:
+    """A 512x512 grey picture and a 512x512x64 int16 volume in Hounsfield-like units."""
+    import nibabel as nib
+    import skimage.data
+
+    camera = skimage.data.camera()  # 512x512 uint8, bundled with scikit-image
+    Image.fromarray(camera).save(folder / "picture.png")
+    rng = np.random.default_rng(0)
+    base = camera.T.astype(np.int16) * 8 - 1000  # (i, j) = (x, y)
+    volume = np.stack([base + np.int16(5 * k) for k in range(64)], axis=2)
+    volume += rng.integers(-20, 20, size=volume.shape, dtype=np.int16)
+    affine = np.diag([-0.7, -0.7, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), folder / "volume.nii.gz")
+
+
+def click(session: requests.Session, url: str, model: str, image: str, params: dict) -> tuple[float, dict]:
+    start = time.perf_counter()
+    response = session.post(
+        f"{url}/infer/{model}", params={"image": image}, files={"params": (None, json.dumps(params))}
+    )
+    elapsed = time.perf_counter() - start
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.status_code}: {response.text[:500]}")
+    body = response.content
+    start_json = body.index(b'{"')
+    result = json.loads(body[start_json : body.index(b"\r\n--", start_json)])
+    return elapsed, result
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def series(session, url, image, make_params, clicks: int) -> tuple[list[float], dict]:
+    times, last = [], {}
+    for n in range(clicks):
+        elapsed, last = click(session, url, "sam_med2d_points", image, make_params(n))
+        if not last["embedding_cached"]:
+            raise RuntimeError("a warm click missed the embedding cache")
+        times.append(elapsed)
+    return times, last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clicks", type=int, default=40)
+    parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "bench_app.json"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_app_"))
+    studies = work / "studies"
+    studies.mkdir()
+    make_datastore(studies)
+    conf = {"model": "vit_b", "download": "false", "model_dir": str(work / "model"), "seed": 0}
+    conf.update(dict(args.conf))
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    url = start_server("apps/sam_med2d", studies, conf)
+    startup = time.perf_counter() - started
+    rows: dict[str, float] = {"startup_s": startup}
+    try:
+        process = psutil.Process(server_pid(url))
+        rows["rss_after_start_gb"] = process.memory_info().rss / 1e9
+        session = requests.Session()
+        slicer = {"result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "bench", "label": "organ"}
+
+        rows["cold_2d"], first = click(session, url, "sam_med2d_points", "picture", {"foreground": [[256, 256]]})
+        assert not first["embedding_cached"]
+        warm, last_2d = series(
+            session, url, "picture", lambda n: {"foreground": [[100 + 7 * n, 300]], "reset": True}, args.clicks
+        )
+        rows["warm_2d_p50"], rows["warm_2d_p95"] = percentile(warm, 50), percentile(warm, 95)
+        refine, last_refine = series(
+            session,
+            url,
+            "picture",
+            lambda n: {"foreground": [[256, 256]], "background": [[100 + 7 * n, 300]], "client_id": "refine"},
+            args.clicks,
+        )
+        assert last_refine["used_previous_mask"]
+        rows["refine_2d_p50"], rows["refine_2d_p95"] = percentile(refine, 50), percentile(refine, 95)
+
+        rows["cold_3d_new_volume"], _ = click(
+            session, url, "sam_med2d_points", "volume", {"foreground": [[256, 256, 32]]} | slicer
+        )
+        rows["cold_3d_new_slice"], _ = click(
+            session, url, "sam_med2d_points", "volume", {"foreground": [[256, 256, 40]]} | slicer
+        )
+        warm3d, last_3d = series(
+            session,
+            url,
+            "volume",
+            lambda n: {"foreground": [[100 + 7 * n, 300, 40]], "reset": True} | slicer,
+            args.clicks,
+        )
+        rows["warm_3d_p50"], rows["warm_3d_p95"] = percentile(warm3d, 50), percentile(warm3d, 95)
+        memory = process.memory_full_info()
+        rows["rss_gb"], rows["uss_gb"] = memory.rss / 1e9, memory.uss / 1e9
+    finally:
+        stop_server(url)
+    load_after = os.getloadavg()
+
+    print(f"\nSAM-Med2D app through REST, ViT-B fp32, CPU ({os.cpu_count()} cores), {args.clicks} clicks per series")
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}\n")
+    print(f"| {'measure':<46} | {'value':>10} | {'target':>8} |")
+    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 10}|")
+    labels = {
+        "startup_s": ("server start until /info answers (s)", 1),
+        "cold_2d": ("2D 512x512: cold first click (s)", 1),
+        "warm_2d_p50": ("2D 512x512: warm click p50 (ms)", 1000),
+        "warm_2d_p95": ("2D 512x512: warm click p95 (ms)", 1000),
+        "refine_2d_p50": ("2D 512x512: correction w/ prev. mask p50 (ms)", 1000),
+        "refine_2d_p95": ("2D 512x512: correction w/ prev. mask p95 (ms)", 1000),
+        "cold_3d_new_volume": ("3D 512x512x64: first click, new volume (s)", 1),
+        "cold_3d_new_slice": ("3D: first click on another slice (s)", 1),
+        "warm_3d_p50": ("3D: warm click p50, .nrrd volume out (ms)", 1000),
+        "warm_3d_p95": ("3D: warm click p95, .nrrd volume out (ms)", 1000),
+        "rss_after_start_gb": ("server RSS after start (GB)", 1),
+        "rss_gb": ("server RSS with ViT-B, after clicks (GB)", 1),
+        "uss_gb": ("server USS (own memory) after clicks (GB)", 1),
+    }
+    for key, (label, scale) in labels.items():
+        target = TARGETS.get(key)
+        shown_target = "" if target is None else f"{target * scale:g}"
+        print(f"| {label:<46} | {rows[key] * scale:>10.3f} | {shown_target:>8} |")
+    print(f"\nserver breakdown of the last warm 2D click (ms): {last_2d['timings_ms']}")
+    print(f"monailabel stage latencies of that click (s): {last_2d['latencies']}")
+    print(f"server breakdown of the last warm 3D click (ms): {last_3d['timings_ms']}")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"rows": rows, "load_before": load_before, "load_after": load_after}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
