@@ -152,9 +152,11 @@ def read_series(files: Sequence[str | Path]):
     datasets = []
     for f in files:
         try:
-            datasets.append(pydicom.dcmread(f, stop_before_pixels=True))
+            dataset = pydicom.dcmread(f, defer_size=1024)  # pixel data is not read, only its length
         except (InvalidDicomError, OSError, ValueError) as exc:
             raise SegError(f"{Path(f).name} is not a readable DICOM file: {exc}") from exc
+        _check_pixel_data(dataset, Path(f).name)
+        datasets.append(dataset)
     folder = str(Path(files[0]).parent)
     try:
         reader = SimpleITK.ImageSeriesReader()
@@ -168,6 +170,33 @@ def read_series(files: Sequence[str | Path]):
     if volume.GetDimension() == 2:  # one 2D instance (e.g. an ultrasound frame): a volume of one slice
         volume = SimpleITK.JoinSeries(volume)
     return volume, datasets
+
+
+def _check_pixel_data(dataset, name: str) -> None:
+    """Raise :class:`SegError` for an instance without pixel data or whose uncompressed pixel data is cut short
+    (readers would otherwise fill the missing part with whatever follows)."""
+    element = dataset.get_item(0x7FE00010)
+    if element is None:
+        raise SegError(f"{name} has no pixel data")
+    length = getattr(element, "length", None)  # a raw (not yet parsed) element knows its length
+    if length is None:
+        length = 0xFFFFFFFF if element.is_undefined_length else len(element.value or b"")
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax is None or syntax.is_compressed or length == 0xFFFFFFFF:
+        return
+    try:
+        expected = (
+            int(dataset.Rows)
+            * int(dataset.Columns)
+            * int(dataset.get("SamplesPerPixel", 1))
+            * int(dataset.get("NumberOfFrames", 1) or 1)
+            * int(dataset.BitsAllocated)
+            // 8
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SegError(f"{name}: the image size is missing or malformed ({exc})") from exc
+    if length < expected:
+        raise SegError(f"{name}: pixel data is cut short ({length} bytes where the image needs {expected})")
 
 
 def write_seg(
@@ -313,3 +342,60 @@ def _cielab_to_rgb(lab: Sequence[int]) -> tuple[int, int, int]:
     )
     srgb = [12.92 * c if c <= 0.0031308 else 1.055 * c ** (1 / 2.4) - 0.055 for c in linear]
     return tuple(int(round(min(max(c, 0.0), 1.0) * 255)) for c in srgb)  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class SliceSample:
+    """One training sample from a volume label: a slice view and the masks of the segments on it.
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8, the view the annotator clicked on (:meth:`lib.image_source.ImageSource.view`).
+        masks: ``(H, W)`` bool, one per segment present on the slice.
+        names: the segments' names, parallel to ``masks``.
+        slice_index: ``k`` of the slice.
+    """
+
+    image: np.ndarray
+    masks: list[np.ndarray]
+    names: list[str]
+    slice_index: int
+
+
+def volume_label_samples(
+    image_path: str | Path, label_path: str | Path, segments: Mapping[int | str, str] | None = None
+) -> list[SliceSample]:
+    """Training samples from a volume and its label map (e.g. a datastore item made from a DICOM SEG).
+
+    Every slice with labelled voxels gives one :class:`SliceSample`, its masks in view pixels (row ``y``, column
+    ``x``), with the image mapped to 0..255 exactly as for inference, so training sees what the annotator saw.
+
+    Raises:
+        SegError: a label map that is not on the image's grid or cannot be read.
+    """
+    import SimpleITK
+
+    from .image_source import read_image
+
+    source = read_image(image_path)
+    try:
+        label_image = SimpleITK.ReadImage(str(label_path))
+    except RuntimeError as exc:
+        raise SegError(f"unreadable label map {Path(label_path).name}: {str(exc).strip()[-200:]}") from exc
+    label = SimpleITK.GetArrayFromImage(label_image).transpose(*reversed(range(label_image.GetDimension())))
+    if label.ndim == 2:
+        label = label[:, :, None]
+    pixels_shape = source.pixels.shape[:3] if source.is_volume else (*source.pixels.shape[1::-1], 1)
+    if label.shape != tuple(pixels_shape):
+        raise SegError(f"label map {Path(label_path).name} {label.shape} is not on the image's grid {pixels_shape}")
+    names = {int(k): v for k, v in (segments or {}).items()}
+    samples = []
+    for k in range(label.shape[2]):
+        plane = label[:, :, k].T  # (H, W) in view pixels
+        values = [int(v) for v in np.unique(plane) if v != 0]
+        if not values:
+            continue
+        view = source.view(k if source.is_volume else None)
+        samples.append(
+            SliceSample(view, [plane == v for v in values], [names.get(v, f"segment {v}") for v in values], k)
+        )
+    return samples

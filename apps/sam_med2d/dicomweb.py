@@ -166,9 +166,11 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
         with self._lock:
             self._listing.clear()
 
-    def _search_series(self, search_filter: Mapping[str, Any], what: str) -> list[Dataset]:
+    def _search_series(
+        self, search_filter: Mapping[str, Any], what: str, fields: list[str] | None = None
+    ) -> list[Dataset]:
         with self._pacs(what):
-            found = self._client.search_for_series(search_filters=dict(search_filter))
+            found = self._client.search_for_series(search_filters=dict(search_filter), fields=fields)
         return [Dataset.from_json(item) for item in found]
 
     def find_series(self, series_uid: str) -> Dataset | None:
@@ -196,7 +198,8 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
 
         def search() -> list[dict[str, str]]:
             segs = []
-            for ds in self._search_series({"Modality": "SEG"}, "listing DICOM SEG series"):
+            fields = ["SeriesDate", "SeriesTime"]  # not among QIDO's default return keys
+            for ds in self._search_series({"Modality": "SEG"}, "listing DICOM SEG series", fields):
                 seg_uid, study_uid = str(ds["SeriesInstanceUID"].value), str(ds["StudyInstanceUID"].value)
                 if seg_uid not in self._seg_references:
                     with self._pacs(f"reading DICOM SEG {seg_uid}"):
@@ -319,9 +322,8 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
         """
         label_info = dict(label_info or {})
         if label_tag == DefaultLabelTag.FINAL and self.find_series(image_id) is None:
-            raise PacsError(
-                404, f"series {image_id} is not (or no longer) in the PACS at {self.name()}; the label was not saved"
-            )
+            state = "is no longer" if self._cached_locally(image_id) else "is not"
+            raise PacsError(404, f"series {image_id} {state} in the PACS at {self.name()}; the label was not saved")
         self.get_image_uri(image_id)
         reference, datasets = self._reference(image_id)
         label = self._read_label(label_filename, reference)
