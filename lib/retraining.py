@@ -417,6 +417,7 @@ class RetrainingController:
                 "trigger": trigger.kind,
                 "reason": trigger.reason,
                 "started_at": _iso(now),
+                "started_ts": now,
                 "labels": len(labels),
                 "new_labels": len(new),
                 "version_before": version_before,

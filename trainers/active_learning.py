@@ -14,14 +14,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import strtobool
 
 from lib.image_source import ImageReadError, fingerprint, read_image
 from lib.model_store import ModelStore
@@ -188,3 +193,41 @@ class SamUncertaintyStrategy(Strategy):
             "scored_images": len(pool),
             "unlabeled_images": len(images),
         }
+
+
+def uncertainty_config_from_conf(conf: Mapping[str, Any]) -> UncertaintyConfig:
+    """``uncertainty_num_prompts``, ``uncertainty_box_shift``, ``uncertainty_method``, ``uncertainty_seed`` from
+    ``--conf`` (a bad value raises a ValueError naming the key)."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(UncertaintyConfig):
+        key = f"uncertainty_{field.name}"
+        if key in conf and conf[key] not in (None, ""):
+            raw = conf[key]
+            try:
+                if field.type in ("int", int):
+                    values[field.name] = int(raw)
+                elif field.type in ("bool", bool):
+                    values[field.name] = bool(strtobool(str(raw)))
+                else:
+                    values[field.name] = str(raw)
+            except ValueError as err:
+                raise ValueError(f"--conf {key} {raw!r}: {err}") from err
+    try:
+        return UncertaintyConfig(**values)
+    except ValueError as err:
+        raise ValueError(f"--conf uncertainty_*: {err}") from err
+
+
+def active_learning_strategies(conf: Mapping[str, Any], model_store: ModelStore) -> dict[str, Strategy]:
+    """The app's ``/activelearning`` strategies: ``sam_uncertainty``, ``random`` and ``first``."""
+    hold = float(conf.get("uncertainty_hold_seconds", 300))
+    return {NAME: SamUncertaintyStrategy(model_store, hold_seconds=hold), "random": Random(), "first": First()}
+
+
+def active_learning_scoring(
+    conf: Mapping[str, Any], model_store: ModelStore, device: str, policy: PolicyName
+) -> dict[str, ScoringMethod]:
+    """The app's ``/scoring`` methods: ``sam_uncertainty``."""
+    threads = int(conf.get("uncertainty_threads", 1))
+    config = uncertainty_config_from_conf(conf)
+    return {NAME: SamUncertaintyScoring(model_store, config, device=device, policy=policy, threads=threads)}

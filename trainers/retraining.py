@@ -18,6 +18,7 @@ shown in ``/info`` under ``retraining``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -163,24 +164,44 @@ class RetrainingScheduler:
                 reason = f"manual /train request (params {params})" if params else "manual /train request"
                 self.controller.started(Trigger("manual", reason), labels, task_id, self.store.active_version())
 
+    def _train_stats(self, running: Mapping[str, Any]) -> dict[str, Any]:
+        """The train task's report of this run (``train_stats.json``), if it wrote one since the run started."""
+        task = getattr(self.app, "_trainers", {}).get(self.model)
+        try:
+            stats = dict(task.stats()) if task is not None else {}
+        except (OSError, ValueError):
+            return {}
+        return stats if float(stats.get("start_ts", 0)) >= float(running.get("started_ts", 0)) - 5 else {}
+
     def _record_end(self, running: Mapping[str, Any], task: Mapping[str, Any]) -> None:
         after = self.store.active_version()
         meta = self.store.published_meta()
+        stats = self._train_stats(running)
         details = [str(line) for line in task.get("details", [])]
         status = task.get("status")
+        metrics: dict[str, Any] = {}
+        if stats.get("baseline"):
+            metrics["baseline_val_dice"] = stats["baseline"]["dice"].get("mean")
+        if stats.get("epochs"):
+            means = [e["val"]["dice"]["mean"] for e in stats["epochs"] if e.get("val")]
+            if means:
+                metrics["best_val_dice"] = max(means)
         if status == "STOPPED":
-            outcome, message, metrics = STOPPED, "stopped through DELETE /train", {}
-        elif status != "DONE":
-            outcome, metrics = FAILED, {}
-            message = "train task failed; the served model is unchanged. Last output: " + " | ".join(details[-3:])
+            outcome, message = STOPPED, "stopped through DELETE /train"
+        elif status != "DONE" or stats.get("status") == "failed":
+            outcome = FAILED
+            reason = stats.get("error") or " | ".join(details[-3:])
+            message = f"train task failed; the served model is unchanged: {reason}"
         elif after != running.get("version_before") and meta.get("version") == after:
-            outcome, metrics = PROMOTED, dict(meta.get("metrics", {}))
-            message = f"new version {after} serves"
+            outcome = PROMOTED
+            metrics.update(meta.get("metrics", {}))
+            message = f"new version {after} serves" + (
+                f": {stats['publish_reason']}" if "publish_reason" in stats else ""
+            )
         else:
-            outcome, metrics = NOT_PROMOTED, {}
-            evidence = [line for line in details if "dice" in line.lower()][-2:]
+            outcome = NOT_PROMOTED
             message = "finished without publishing; the served model stays" + (
-                ": " + " | ".join(evidence) if evidence else ""
+                f": {stats['publish_reason']}" if stats.get("publish_reason") else ""
             )
         self.controller.finished(outcome, after, metrics, message)
         if outcome == PROMOTED:
@@ -198,3 +219,18 @@ class RetrainingScheduler:
             "versions": self.store.list_versions(),
             **self.controller.summary(),
         }
+
+
+def scheduler_from_conf(app: Any, model: str) -> RetrainingScheduler:
+    """The scheduler the app starts, from ``--conf``: ``retrain_after_labels``, ``retrain_interval_minutes``,
+    ``retrain_cron``, ``retrain_min_labels``, ``retrain_schedule_without_new_labels``, ``retrain_poll_seconds`` and
+    ``retrain_params`` (JSON: request parameters of the runs it starts, e.g. ``{"max_epochs": 2}``)."""
+    policy = RetrainPolicy.from_conf(app.conf)
+    raw = app.conf.get("retrain_params") or "{}"
+    try:
+        params = json.loads(raw)
+        if not isinstance(params, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise ValueError(f"--conf retrain_params {raw!r} must be a JSON object of train parameters: {err}") from err
+    return RetrainingScheduler(app, policy, model, params, rescore=("sam_uncertainty",))

@@ -14,6 +14,9 @@ Conf keys (all optional):
 ``download``      ``true`` (default) / ``false``; ``download_url`` overrides where from
 ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 512)
+``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
+                  ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
+                  next-sample strategy: see ``docs/active_learning.md``
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ from lib.published_weights import (  # noqa: E402
     find_local_weights,
     how_to_fetch,
 )
+from trainers.active_learning import active_learning_scoring, active_learning_strategies  # noqa: E402
+from trainers.retraining import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +112,7 @@ class SamMed2DApp(MONAILabelApp):
             cache_bytes=int(float(self.conf.get("cache_mb", 512)) * 2**20),
         )
         self.weights_warning: str | None = None
+        self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -153,6 +159,12 @@ class SamMed2DApp(MONAILabelApp):
             "sam_med2d_box": SamMed2DInfer(lambda: self.segmenter, "box", info_extra=self.weights_info),
         }
 
+    def init_strategies(self) -> dict[str, Any]:
+        return active_learning_strategies(self.conf, self.model_store)
+
+    def init_scoring_methods(self) -> dict[str, Any]:
+        return active_learning_scoring(self.conf, self.model_store, str(self.segmenter.device), self.segmenter.policy)
+
     def init_trainers(self) -> dict[str, TrainTask]:
         return {}
 
@@ -176,7 +188,18 @@ class SamMed2DApp(MONAILabelApp):
             banner = "!" * 100
             logger.warning("\n%s\n%s\n%s", banner, self.weights_warning, banner)
         self.segmenter.model()
+        self._start_retraining()
         logger.info("SAM-Med2D ready: %s", self.weights_info())
+
+    def _start_retraining(self) -> None:
+        """Start the active-learning scheduler: retrains on accrued labels per ``--conf retrain_*``."""
+        scheduler = scheduler_from_conf(self, "sam_med2d")
+        if "sam_med2d" not in self._trainers:
+            if scheduler.policy.enabled:
+                logger.warning("Retraining triggers are set but the sam_med2d train task is not available; ignored")
+            return
+        self.retraining = scheduler
+        scheduler.start()
 
     def weights_info(self) -> dict[str, Any]:
         store = self.model_store
@@ -198,6 +221,8 @@ class SamMed2DApp(MONAILabelApp):
     def info(self) -> dict[str, Any]:
         meta = super().info()
         meta["sam_med2d"] = {**self.weights_info(), **self.segmenter.stats()}
+        if self.retraining is not None:
+            meta["retraining"] = self.retraining.info()
         return meta
 
     # ---------------------------------------------------------------- errors
