@@ -1,0 +1,441 @@
+"""The SAM-Med2D train task: continue adapter fine-tuning on the labels annotators save.
+
+A MONAI Label :class:`BasicTrainTask` whose ignite iteration is the paper's simulated annotator
+(:class:`lib.training.SimulatedAnnotator`: first prompt box or point, then 8 decoder-only steps with error-region
+clicks). One run:
+
+1. curates the datastore's final labels like the paper (:mod:`lib.curation`: volumes cut into slices, one mask per
+   class and connected component, small masks dropped) into the run's cache folder, and splits them by image into
+   training and held-out validation labels (``val_split``);
+2. starts from the served model (:class:`lib.model_store.ModelStore`) or, for the paper's recipe, a checkpoint;
+3. validates the starting weights and every epoch's weights on the held-out labels with the paper's protocol
+   (:mod:`lib.evaluation`: box, 1, 3, 5 clicks; seeded), writes everything to ``train_stats.json``;
+4. at the very end, publishes the best epoch through ``ModelStore.publish`` (a plain state dict, written
+   atomically, kept with its metrics) only if its mean validation Dice is not lower than the starting weights'.
+   A run that fails or is stopped publishes nothing, so the served model stays as it was.
+
+Request / config keys (all optional; values may be strings): ``recipe`` (``continual`` or ``sam_med2d_paper``),
+``max_epochs``, ``train_batch_size`` (images per process), ``val_split``, ``lr``, ``masks_per_image``,
+``decoder_iterations``, ``seed``, ``val_max_images``, ``loss_reduction``, ``multi_gpu`` and ``gpus`` (``"0,1"``; on
+a machine without CUDA the processes run on CPU with the gloo backend), and any other :class:`RecipeConfig` field.
+Run folders live in ``<model_dir>/train/<name>`` (``best.pt`` there is a plain state dict; nothing in it is served).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from lib.checkpoint import load_model, read_state_dict, save_state_dict
+from lib.curation import CurationError, iter_curated, split_cases, stem, write_slices
+from lib.evaluation import EvalSample, evaluate_model
+from lib.losses import FocalDiceIoULoss
+from lib.model_store import ModelStore
+from lib.training import (
+    RECIPES,
+    RecipeConfig,
+    SamMed2DDataset,
+    SimulatedAnnotator,
+    broadcast_parameters,
+    configure_cpu_math,
+    iteration_update,
+    make_optimizer,
+    make_scheduler,
+    make_train_loader,
+    read_image,
+    read_mask,
+    recipe,
+)
+
+logger = logging.getLogger(__name__)
+
+# Request keys that map onto recipe fields under another name (MONAI Label's usual names).
+_RENAMED = {"max_epochs": "epochs", "train_batch_size": "batch_size"}
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, list | tuple) and value else value
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class SamMed2DTrain(BasicTrainTask):
+    """Fine-tune the served SAM-Med2D on the saved labels with the paper's interactive recipe.
+
+    Args:
+        model_store: the served weights (the run starts from them and publishes through them).
+        recipe_name: default recipe (``continual``); a request may pick another.
+        overrides: default recipe overrides (e.g. from the app's ``--conf``).
+        description: shown in ``/info``.
+    """
+
+    def __init__(
+        self,
+        model_store: ModelStore,
+        recipe_name: str = "continual",
+        overrides: dict[str, Any] | None = None,
+        description: str = "Adapter fine-tuning of SAM-Med2D on saved labels (the paper's simulated-annotator recipe)",
+    ) -> None:
+        self.model_store = model_store
+        self.recipe_name = recipe_name
+        self.default_recipe = recipe(recipe_name, overrides)
+        runs_dir = Path(model_store.model_dir) / "train"
+        r = self.default_recipe
+        config = {
+            "recipe": [recipe_name] + [n for n in RECIPES if n != recipe_name],
+            "max_epochs": r.epochs,
+            "train_batch_size": r.batch_size,
+            "val_split": r.val_split,
+            "lr": r.lr,
+            "masks_per_image": r.masks_per_image,
+            "decoder_iterations": r.decoder_iterations,
+            "seed": r.seed,
+            "val_max_images": r.val_max_images,
+            "multi_gpu": False,
+            "gpus": "all",
+            "dataset": ["Dataset"],
+            "dataloader": ["DataLoader"],
+            "tracking": ["None"],
+        }
+        super().__init__(
+            model_dir=str(runs_dir),
+            description=description,
+            config=config,
+            amp=False,  # the iteration runs its own bf16 autocast on CUDA
+            load_path=None,
+            publish_path=None,
+            stats_path=str(runs_dir / "train_stats.json"),
+            n_saved=1,
+            tracking=None,
+        )
+
+    # ------------------------------------------------------------------ request -> recipe
+    def recipe_for(self, request: dict[str, Any]) -> RecipeConfig:
+        """The recipe a request asks for: its ``recipe`` plus the keys it sets explicitly."""
+        name = str(_first(request.get("recipe", self.recipe_name)))
+        explicit = set(request.get("_explicit", request.keys()))
+        fields = set(RecipeConfig.__dataclass_fields__)
+        overrides = {}
+        for key in explicit:
+            target = _RENAMED.get(key, key)
+            if target in fields and target != "name" and key in request:
+                overrides[target] = _first(request[key]) if not isinstance(request[key], list | tuple) else request[key]
+        base = self.default_recipe if name == self.recipe_name else recipe(name)
+        return base.with_overrides(overrides)
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        request = dict(request)
+        request["_explicit"] = sorted(request)
+        self.recipe_for(request)  # reject unknown recipes and bad values before anything runs
+        multi = str(request.get("multi_gpu", self._config["multi_gpu"])).lower() in _TRUE
+        request["multi_gpu"] = multi
+        if multi and not torch.cuda.is_available():
+            # Processes on CPU talk over gloo through a rendezvous file (MONAI Label defaults to NCCL).
+            request.setdefault("distributed_backend", "gloo")
+            request.setdefault("distributed_url", f"file://{tempfile.mktemp(prefix='sam_med2d_dist_')}")
+        return super().__call__(request, datastore)
+
+    # ------------------------------------------------------------------ data
+    def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
+        """Curate the final labels into the run's cache folder; one record per curated 2D image."""
+        cache = Path(self.get_cache_dir(request)) / "curated"
+        config = self.recipe_for(request)
+        records: list[dict[str, Any]] = []
+        skipped = []
+        items = datastore.datalist()
+        for item in items:
+            case = stem(item["image"])
+            try:
+                slices = iter_curated([(case, item["image"], item["label"])], min_fraction=config.min_mask_fraction)
+                written = write_slices(slices, cache)
+            except (CurationError, OSError, ValueError) as err:
+                skipped.append(f"{case}: {err}")
+                continue
+            for record in written:
+                records.append(
+                    {
+                        "case": record["case"],
+                        "image": str(cache / record["image"]),
+                        "masks": [str(cache / m) for m in record["masks"]],
+                    }
+                )
+        for message in skipped:
+            logger.warning(f"Training skips a label it cannot use: {message}")
+        if not records:
+            raise ValueError(
+                f"nothing to train on: {len(items)} final labels in the datastore, none with a usable mask"
+                + (f" ({'; '.join(skipped)})" if skipped else "")
+            )
+        logger.info(f"Curated {len(items)} final labels into {len(records)} training images ({cache})")
+        return records
+
+    def partition_datalist(self, context: Context, shuffle: bool = False) -> tuple[list, list]:
+        """Hold out a share of the labelled images (by source image, so slices of a volume stay together).
+
+        The parent's ``train()`` calls this first, so the run's recipe and world size are put on the context here.
+        """
+        config = context.recipe = self._recipe
+        context.distributed_world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if context.device.type == "cpu":
+            configure_cpu_math()
+        torch.manual_seed(config.seed)
+        train_cases, val_cases = split_cases([r["case"] for r in context.datalist], config.val_split, config.seed)
+        train = [r for r in context.datalist if r["case"] in train_cases]
+        val = [r for r in context.datalist if r["case"] in val_cases]
+        logger.info(f"{context.local_rank} - training images: {len(train)}; held-out validation images: {len(val)}")
+        return train, val
+
+    # ------------------------------------------------------------------ network, optimizer, loss
+    def network(self, context: Context) -> torch.nn.Module:
+        config = context.recipe
+        if config.init == "checkpoint":
+            return load_model(config.checkpoint, self.model_store.config, device=context.device)
+        return self.model_store.load(context.device)
+
+    def optimizer(self, context: Context) -> torch.optim.Optimizer:
+        return make_optimizer(context.network, context.recipe)
+
+    def loss_function(self, context: Context) -> torch.nn.Module:
+        return FocalDiceIoULoss(context.recipe.focal_weight, reduction=context.recipe.loss_reduction)
+
+    def train_iteration_update(self, context: Context):
+        annotator = SimulatedAnnotator(context.recipe, self.loss_function(context))
+        return iteration_update(annotator)
+
+    # ------------------------------------------------------------------ MONAI Label hooks
+    def train_pre_transforms(self, context: Context) -> list:
+        return []  # SamMed2DDataset puts images and masks into the model's input frame (lib.preprocessing)
+
+    def train_post_transforms(self, context: Context) -> list:
+        return []
+
+    def val_inferer(self, context: Context) -> None:
+        return None  # validation prompts the model like an annotator (lib.evaluation), not a sliding window
+
+    def _device(self, context: Context) -> torch.device:
+        if torch.cuda.is_available():
+            return super()._device(context)
+        return torch.device("cpu")
+
+    def train(self, rank: int, world_size: int, request: dict[str, Any], datalist: list) -> dict[str, Any]:
+        request = copy.deepcopy(request)
+        self._recipe = self.recipe_for(request)
+        return super().train(rank, world_size, request, datalist)
+
+    def _create_network_and_optimizer(self, context: Context) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        # No DistributedDataParallel wrapper: the iteration makes nine optimizer steps per batch on different
+        # parameter groups and averages gradients itself (lib.training.average_gradients).
+        context.network = self.network(context)
+        broadcast_parameters(context.network)
+        return context.network, self.optimizer(context)
+
+    def _create_evaluator(self, context: Context) -> None:
+        return None  # validation is the paper's protocol, run by ValidateAndPublish
+
+    def _create_trainer(self, context: Context) -> SupervisedTrainer:
+        config = context.recipe
+        rank, world = context.local_rank, context.distributed_world
+        dataset = SamMed2DDataset(
+            [(Path(r["image"]), [Path(m) for m in r["masks"]]) for r in context.train_datalist],
+            self.model_store.config.image_size,
+            self.model_store.config.pixel_mean,
+            self.model_store.config.pixel_std,
+            masks_per_image=config.masks_per_image,
+            seed=config.seed,
+        )
+        if len(dataset) < config.batch_size * world:
+            smaller = max(1, len(dataset) // world)
+            logger.info(f"{len(dataset)} training images: batch size {config.batch_size} -> {smaller} per process")
+            config = context.recipe = config.with_overrides({"batch_size": smaller})
+        loader = make_train_loader(dataset, config, rank, world)
+        trainer = SupervisedTrainer(
+            device=context.device,
+            max_epochs=config.epochs,
+            train_data_loader=loader,
+            network=context.network,
+            optimizer=context.optimizer,
+            loss_function=self.loss_function(context),
+            iteration_update=self.train_iteration_update(context),
+            amp=False,
+            decollate=False,
+        )
+        ValidateAndPublish(self, context, dataset, loader).attach(trainer)
+        return trainer
+
+    def finalize(self, context: Context) -> None:
+        """Stats and publishing are :class:`ValidateAndPublish`'s; MONAI Label's publisher is not attached."""
+
+
+class ValidateAndPublish:
+    """Validation with the paper's protocol, train stats, and publishing at the very end of a successful run."""
+
+    def __init__(self, task: SamMed2DTrain, context: Context, dataset: SamMed2DDataset, loader: Any) -> None:
+        self.task = task
+        self.context = context
+        self.config: RecipeConfig = context.recipe
+        self.dataset = dataset
+        self.loader = loader
+        self.rank = context.local_rank
+        self.scheduler = make_scheduler(context.optimizer, self.config)
+        self.best_path = Path(context.output_dir) / "best.pt"
+        self.samples: list[EvalSample] = []
+        self.stats: dict[str, Any] = {}
+        self.epoch_start = 0.0
+        self.epoch_images = 0
+        self.epoch_losses: list[float] = []
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.context.network
+
+    def _validate(self) -> dict[str, Any]:
+        result = evaluate_model(self.model, self.samples, self.config.val_points, seed=self.config.seed)
+        dice = dict(result["dice"])
+        dice["mean"] = float(np.mean(list(result["dice"].values())))
+        return {"dice": dice, "masks": result["masks"], "images": result["images"], "seconds": result["seconds"]}
+
+    def _write_stats(self) -> None:
+        if self.rank == 0:
+            _write_json_atomic(Path(self.task._stats_path), self.stats)
+
+    def started(self, engine: SupervisedTrainer) -> None:
+        ctx = self.context
+        self.stats = {
+            "status": "running",
+            "run_id": ctx.run_id,
+            "start_ts": int(ctx.start_ts),
+            "recipe": self.config.to_dict(),
+            "world_size": ctx.distributed_world,
+            "train_images": len(ctx.train_datalist),
+            "val_images": len(ctx.val_datalist),
+            "served_before": self.task.model_store.active_version(),
+            "epochs": [],
+        }
+        if self.rank != 0:
+            return
+        val = ctx.val_datalist[: self.config.val_max_images] if self.config.val_max_images else ctx.val_datalist
+        self.samples = [
+            EvalSample(read_image(r["image"]), np.stack([read_mask(m) for m in r["masks"]]), r["image"]) for r in val
+        ]
+        if self.samples:
+            self.stats["baseline"] = self._validate()
+            self.stats["best_metric"] = self.stats["baseline"]["dice"]["mean"]
+            self.stats["best_epoch"] = 0
+            logger.info(f"Validation of the starting weights: {self._table(self.stats['baseline'])}")
+        self._write_stats()
+
+    def epoch_started(self, engine: SupervisedTrainer) -> None:
+        epoch = engine.state.epoch - 1
+        self.loader.batch_sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.epoch_start = time.perf_counter()
+        self.epoch_images = 0
+        self.epoch_losses = []
+
+    def iteration_completed(self, engine: SupervisedTrainer) -> None:
+        out = engine.state.output
+        self.epoch_losses.append(out["loss"])
+        self.epoch_images += out["images"] * self.context.distributed_world
+        if self.rank == 0 and (engine.state.iteration % 10 == 0 or engine.state.iteration == 1):
+            logger.info(
+                f"Epoch {engine.state.epoch}/{engine.state.max_epochs} iteration {engine.state.iteration}: "
+                f"loss {out['loss']:.4f} (first prompt {out['loss_first']:.4f}, last {out['loss_last']:.4f})"
+            )
+
+    def epoch_completed(self, engine: SupervisedTrainer) -> None:
+        seconds = time.perf_counter() - self.epoch_start
+        self.scheduler.step()
+        row: dict[str, Any] = {
+            "epoch": engine.state.epoch,
+            "loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else None,
+            "images_per_second": self.epoch_images / seconds if seconds > 0 else None,
+            "lr": self.context.optimizer.param_groups[0]["lr"],
+        }
+        if self.rank == 0 and self.samples:
+            row["val"] = self._validate()
+            mean = row["val"]["dice"]["mean"]
+            logger.info(f"Epoch {engine.state.epoch} validation: {self._table(row['val'])}")
+            if mean >= self.stats["best_metric"]:  # ties with the starting weights count as "did not drop"
+                self.stats["best_metric"] = mean
+                self.stats["best_epoch"] = engine.state.epoch
+                save_state_dict(self.model, self.best_path)
+        self.stats["epochs"].append(row)
+        self._write_stats()
+
+    def completed(self, engine: SupervisedTrainer) -> None:
+        if self.rank != 0:
+            return
+        store = self.task.model_store
+        self.stats["status"] = "completed"
+        if not self.samples:
+            self.stats["published"] = None
+            self.stats["publish_reason"] = "no held-out labels to validate on (needs at least two labelled images)"
+        elif self.stats["best_epoch"] == 0:
+            self.stats["published"] = None
+            self.stats["publish_reason"] = (
+                f"validation Dice dropped: best epoch {max(r['val']['dice']['mean'] for r in self.stats['epochs']):.4f}"
+                f" < starting weights {self.stats['baseline']['dice']['mean']:.4f}; served model kept"
+            )
+        else:
+            best = next(r for r in self.stats["epochs"] if r["epoch"] == self.stats["best_epoch"])
+            metrics = {
+                "val_dice": best["val"]["dice"],
+                "baseline_val_dice": self.stats["baseline"]["dice"],
+                "epoch": best["epoch"],
+                "run_id": self.stats["run_id"],
+                "recipe": self.config.name,
+                "train_images": self.stats["train_images"],
+                "val_images": self.stats["val_images"],
+            }
+            version = store.publish(read_state_dict(self.best_path)[0], metrics)
+            self.stats["published"] = version
+            self.stats["publish_reason"] = (
+                f"validation Dice {best['val']['dice']['mean']:.4f} (epoch {best['epoch']}) >= starting weights "
+                f"{self.stats['baseline']['dice']['mean']:.4f}"
+            )
+        self.stats["served_after"] = store.active_version()
+        self.stats["total_time"] = time.time() - self.context.start_ts
+        logger.info(f"Training finished: {self.stats['publish_reason']}; serving {self.stats['served_after']}")
+        self._write_stats()
+
+    def failed(self, engine: SupervisedTrainer, error: BaseException) -> None:
+        if self.rank == 0:
+            self.stats["status"] = "failed"
+            self.stats["error"] = f"{type(error).__name__}: {error}"
+            self.stats["published"] = None
+            self.stats["served_after"] = self.task.model_store.active_version()
+            self._write_stats()
+        raise error
+
+    @staticmethod
+    def _table(result: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in result["dice"].items()) + f" ({result['masks']} masks)"
