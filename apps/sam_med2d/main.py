@@ -57,6 +57,7 @@ from lib.published_weights import (  # noqa: E402
 )
 from trainers.active_learning import active_learning_scoring, active_learning_strategies  # noqa: E402
 from trainers.retraining import RetrainingScheduler, scheduler_from_conf  # noqa: E402
+from trainers.sam_med2d_train import SamMed2DTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ class SamMed2DApp(MONAILabelApp):
         return active_learning_scoring(self.conf, self.model_store, str(self.segmenter.device), self.segmenter.policy)
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {}
+        """``sam_med2d``: adapter fine-tuning on the saved labels (``--conf train_recipe``: ``continual`` default)."""
+        return {"sam_med2d": SamMed2DTrain(self.model_store, recipe_name=self.conf.get("train_recipe", "continual"))}
 
     # ------------------------------------------------------------ server life
     def on_init_complete(self) -> None:
