@@ -1,0 +1,175 @@
+"""The active-learning loop end to end against the real MONAI Label server.
+
+A simulated annotator asks ``/activelearning/sam_uncertainty`` for the next image and saves its HC18 expert mask with
+``PUT /datastore/label``, one at a time. After ``retrain_after_labels`` labels the server starts a training run by
+itself (MONAI Label's background train task), keeps answering clicks meanwhile, promotes the new version (its
+validation Dice is not lower than the served model's) and the next click uses it. A deliberately diverging run
+(``/train`` with a huge learning rate) is not promoted. The served network is the golden tiny SAM-Med2D config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from tests.server_utils import server_log, start_server, stop_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+APP = "apps/sam_med2d"
+LABELS_BEFORE_RETRAIN = 6
+TRAIN = {
+    "max_epochs": 25,
+    "lr": 1e-3,
+    "decoder_iterations": 2,
+    "masks_per_image": 1,
+    "train_batch_size": 2,
+    "val_split": 0.34,
+    "val_points": "1",
+}
+
+
+def _wait(condition, timeout: float, what: str, url: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; server log:\n{server_log(url)[-8000:]}")
+
+
+def _info(url: str) -> dict:
+    return requests.get(f"{url}/info/", timeout=30).json()
+
+
+def _click(url: str, image: str, xy: tuple[int, int]) -> dict:
+    response = requests.post(
+        f"{url}/infer/sam_med2d_points",
+        params={"image": image, "output": "json"},
+        files={"params": (None, json.dumps({"foreground": [list(xy)], "client_id": "annotator"}))},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _train_status(url: str) -> dict:
+    response = requests.get(f"{url}/train/", params={"check_if_running": "false"}, timeout=30)
+    return response.json() if response.status_code == 200 else {}
+
+
+@pytest.fixture()
+def server(tmp_path, data_dir, golden_dir):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    images = sorted((data_dir / "hc18" / "images").glob("*_HC.png"))[:10]
+    if len(images) < 10:
+        pytest.skip("needs 10 HC18 images in ../shared/data/hc18/images")
+    for image in images:  # linked, not copied: the data stays in ../shared
+        (studies / image.name).symlink_to(image)
+    conf = {
+        "model": golden_dir / "meta.json",
+        "checkpoint": golden_dir / "weights.pth",
+        "model_dir": tmp_path / "model",
+        "download": "false",
+        "device": "cpu",
+        "retrain_after_labels": LABELS_BEFORE_RETRAIN,
+        "retrain_poll_seconds": 1,
+        "retrain_params": json.dumps(TRAIN),
+    }
+    url = start_server(APP, studies, conf)
+    if "sam_med2d" not in _info(url).get("trainers", {}):
+        stop_server(url)
+        pytest.skip("the app registers no sam_med2d train task")
+    yield url, data_dir / "hc18" / "masks", tmp_path / "model", [p.stem for p in images]
+    stop_server(url)
+
+
+def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(server):
+    url, masks, model_dir, ids = server
+    info = _info(url)
+    assert info["retraining"]["active_version"] == "base"
+    assert info["retraining"]["policy"]["after_labels"] == LABELS_BEFORE_RETRAIN
+    assert {"sam_uncertainty", "random", "first"} <= set(info["strategies"])
+
+    # the server scores the unlabeled images in the background when it starts; then next_sample uses the scores
+    progress = _wait(
+        lambda: (p := _info(url)["scoring"]["sam_uncertainty"]["progress"]).get("finished_at") and p,
+        180,
+        "the background uncertainty scoring",
+        url,
+    )
+    assert progress["done"] == progress["total"] == 10
+
+    saved: list[str] = []
+    for n in range(LABELS_BEFORE_RETRAIN):
+        pick = requests.post(f"{url}/activelearning/sam_uncertainty", json={}, timeout=60).json()
+        image = pick["id"]
+        assert image not in saved
+        if n == 0:
+            assert pick["score_source"] == "current" and 0.0 <= pick["sam_uncertainty"] <= 1.0
+        with open(masks / f"{image}.png", "rb") as f:
+            response = requests.put(
+                f"{url}/datastore/label",
+                params={"image": image, "tag": "final"},
+                files={"label": (f"{image}.png", f, "image/png")},
+                timeout=60,
+            )
+        assert response.status_code == 200, response.text
+        saved.append(image)
+        if n < LABELS_BEFORE_RETRAIN - 1:
+            time.sleep(1.5)  # a poll happens in between: no run may start before the threshold
+            assert _info(url)["retraining"]["running"] is None
+
+    running = _wait(lambda: _info(url)["retraining"]["running"], 60, "the retraining run to start", url)
+    assert running["trigger"] == "labels" and f"{LABELS_BEFORE_RETRAIN} new final labels" in running["reason"]
+    assert running["version_before"] == "base"
+
+    # clicks are answered while the run trains, by the model that served before
+    probe = sorted(set(ids) - set(saved))[0]
+    answered_during_training = 0
+    while _info(url)["retraining"]["running"]:
+        result = _click(url, probe, (400, 270))
+        if _train_status(url).get("status") == "RUNNING":
+            assert result["model_version"] == "base"
+            answered_during_training += 1
+        time.sleep(2)
+    assert answered_during_training >= 1, "no click was answered while training ran"
+
+    info = _info(url)
+    first = info["retraining"]["history"][-1]
+    assert first["status"] == "promoted", first
+    version = first["version_after"]
+    assert version != "base" and info["retraining"]["active_version"] == version
+    assert info["sam_med2d"]["model_version"] == version
+    assert first["metrics"]["best_val_dice"] >= first["metrics"]["baseline_val_dice"]
+    assert [v["version"] for v in info["retraining"]["versions"]] == [version]
+    assert _click(url, probe, (400, 270))["model_version"] == version
+
+    # a diverging run (manual /train with a huge learning rate) finishes but is not promoted
+    response = requests.post(f"{url}/train/sam_med2d", json={**TRAIN, "lr": 1e4, "max_epochs": 2}, timeout=60)
+    assert response.status_code == 200, response.text
+    _wait(
+        lambda: len(_info(url)["retraining"]["history"]) == 2 and not _info(url)["retraining"]["running"],
+        300,
+        "the diverging run to end",
+        url,
+        every=2,
+    )
+    info = _info(url)
+    worse = info["retraining"]["history"][-1]
+    assert worse["trigger"] == "manual" and worse["status"] == "not_promoted", worse
+    assert "Dice dropped" in worse["message"]
+    assert info["retraining"]["active_version"] == version
+    assert _click(url, probe, (400, 270))["model_version"] == version
+
+    log = server_log(url)
+    assert "Retraining: run 1 started (labels:" in log
+    assert f"Retraining: run 1 ended: promoted; serving {version}" in log
+    assert "Retraining: run 2 ended: not_promoted" in log
+    state = json.loads((model_dir / "retraining_state.json").read_text())
+    assert [h["status"] for h in state["history"]] == ["promoted", "not_promoted"]
