@@ -52,8 +52,10 @@ def _box_dice(model, samples: list[EvalSample], seed: int) -> float:
     return float(evaluate_model(model, samples, points=(), box=True, seed=seed)["dice"]["box"])
 
 
-def run_strategy(name: str, args: argparse.Namespace, pool: list[Path], held_out: list[EvalSample]) -> list[dict]:
-    rng = np.random.default_rng(args.seed)
+def run_strategy(
+    name: str, args: argparse.Namespace, seed: int, pool: list[Path], held_out: list[EvalSample]
+) -> list[dict]:
+    rng = np.random.default_rng(seed)
     model = load_model(args.checkpoint, args.config)
     labeled = list(rng.choice(len(pool), args.start, replace=False))
     train_cfg = recipe(
@@ -64,7 +66,7 @@ def run_strategy(name: str, args: argparse.Namespace, pool: list[Path], held_out
             "batch_size": 2,
             "masks_per_image": 1,
             "decoder_iterations": args.decoder_iterations,
-            "seed": args.seed,
+            "seed": seed,
         },
     )
     rows = []
@@ -77,16 +79,17 @@ def run_strategy(name: str, args: argparse.Namespace, pool: list[Path], held_out
         start = time.perf_counter()
         candidate = load_model(args.checkpoint, args.config)
         candidate.load_state_dict(model.state_dict())
-        dataset = SamMed2DDataset([(p, [HC18 / "masks" / p.name]) for p in train], masks_per_image=1, seed=args.seed)
+        dataset = SamMed2DDataset([(p, [HC18 / "masks" / p.name]) for p in train], masks_per_image=1, seed=seed)
         fit(candidate, dataset, train_cfg)
         candidate.eval()
-        served_val, candidate_val = _box_dice(model, val, args.seed), _box_dice(candidate, val, args.seed)
+        served_val, candidate_val = _box_dice(model, val, seed), _box_dice(candidate, val, seed)
         promoted = candidate_val >= served_val
         if promoted:
             model, version = candidate, version + 1
-        result = evaluate_model(model, held_out, points=(1, 3), seed=args.seed)
+        result = evaluate_model(model, held_out, points=(1, 3), seed=0)
         row = {
             "strategy": name,
+            "seed": seed,
             "labels": len(labeled),
             "promoted": promoted,
             "version": version,
@@ -97,7 +100,7 @@ def run_strategy(name: str, args: argparse.Namespace, pool: list[Path], held_out
         }
         rows.append(row)
         print(
-            f"{name:12} labels {len(labeled):3d}  {'promoted' if promoted else 'kept    '} v{version}  "
+            f"{name:12} seed {seed} labels {len(labeled):3d}  {'promoted' if promoted else 'kept    '} v{version}  "
             f"val {served_val:.3f}->{candidate_val:.3f}  held-out box {result['dice']['box']:.3f} "
             f"1pt {result['dice']['1 point']:.3f} 3pt {result['dice']['3 points']:.3f}  ({row['seconds']:.0f} s)",
             flush=True,
@@ -106,12 +109,32 @@ def run_strategy(name: str, args: argparse.Namespace, pool: list[Path], held_out
             return rows
         unlabeled = [i for i in range(len(pool)) if i not in labeled]
         if name == "uncertainty":
-            scorer = UncertaintyScorer(model.eval(), UncertaintyConfig(seed=args.seed))
+            scorer = UncertaintyScorer(model.eval(), UncertaintyConfig(seed=seed))
             scores = {i: scorer.score(read_image(pool[i])).score for i in unlabeled}
             picks = sorted(unlabeled, key=lambda i: -scores[i])[: args.step]
         else:
             picks = list(rng.choice(unlabeled, min(args.step, len(unlabeled)), replace=False))
         labeled += picks
+
+
+def aggregate(rows: list[dict], mode: str) -> dict[str, list[dict]]:
+    """Per strategy and label count: mean, min and max over seeds of the held-out Dice of ``mode``."""
+    out: dict[str, list[dict]] = {}
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        counts = sorted({r["labels"] for r in rows if r["strategy"] == strategy})
+        out[strategy] = []
+        for n in counts:
+            values = [r["held_out_dice"][mode] for r in rows if r["strategy"] == strategy and r["labels"] == n]
+            out[strategy].append(
+                {
+                    "labels": n,
+                    "mean": float(np.mean(values)),
+                    "min": min(values),
+                    "max": max(values),
+                    "runs": len(values),
+                }
+            )
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -123,9 +146,10 @@ def plot(rows: list[dict], path: Path) -> None:
     modes = list(rows[0]["held_out_dice"])
     fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), sharey=True)
     for ax, mode in zip(np.atleast_1d(axes), modes):
-        for strategy in dict.fromkeys(r["strategy"] for r in rows):
-            sel = [r for r in rows if r["strategy"] == strategy]
-            ax.plot([r["labels"] for r in sel], [r["held_out_dice"][mode] for r in sel], "o-", label=strategy)
+        for strategy, curve in aggregate(rows, mode).items():
+            labels = [c["labels"] for c in curve]
+            ax.plot(labels, [c["mean"] for c in curve], "o-", label=f"{strategy} (mean of {curve[0]['runs']} seeds)")
+            ax.fill_between(labels, [c["min"] for c in curve], [c["max"] for c in curve], alpha=0.2)
         ax.set_title(f"held-out Dice, {mode}")
         ax.set_xlabel("labels saved")
         ax.grid(alpha=0.3)
@@ -150,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--decoder-iterations", type=int, default=2)
     parser.add_argument("--strategies", default="uncertainty,random")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2", help="one loop per seed (initial labels, training, random picks)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if not HC18.is_dir():
@@ -169,14 +193,23 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {torch.get_num_threads()}"
     )
     rows = []
-    for strategy in args.strategies.split(","):
-        rows += run_strategy(strategy, args, pool, held_out)
+    for seed in (int(s) for s in args.seeds.split(",") if s):
+        for strategy in args.strategies.split(","):
+            rows += run_strategy(strategy, args, seed, pool, held_out)
     modes = list(rows[0]["held_out_dice"])
-    print("\n| strategy | labels | version | promoted | " + " | ".join(f"Dice {m}" for m in modes) + " |")
-    print("|---|---:|---:|---|" + "---:|" * len(modes))
-    for r in rows:
-        dice = " | ".join(f"{r['held_out_dice'][m]:.3f}" for m in modes)
-        print(f"| {r['strategy']} | {r['labels']} | v{r['version']} | {'yes' if r['promoted'] else 'no'} | {dice} |")
+    print("\n| strategy | labels | promoted runs | " + " | ".join(f"Dice {m} (mean [min, max])" for m in modes) + " |")
+    print("|---|---:|---:|" + "---:|" * len(modes))
+    curves = {m: aggregate(rows, m) for m in modes}
+    for strategy in curves[modes[0]]:
+        for i, point in enumerate(curves[modes[0]][strategy]):
+            n = point["labels"]
+            promoted = sum(r["promoted"] for r in rows if r["strategy"] == strategy and r["labels"] == n)
+            cells = " | ".join(
+                f"{curves[m][strategy][i]['mean']:.3f} [{curves[m][strategy][i]['min']:.3f}, "
+                f"{curves[m][strategy][i]['max']:.3f}]"
+                for m in modes
+            )
+            print(f"| {strategy} | {n} | {promoted}/{point['runs']} | {cells} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "active_learning.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     plot(rows, RESULTS / "active_learning.png")
