@@ -83,6 +83,9 @@ def init_dicomweb_datastore(studies: str, conf: Mapping[str, str]) -> SamMed2DDi
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
+    # dicomweb-client retries every failure 5 times with exponential back-off (30 s before a "PACS is down" answer
+    # reaches the annotator); one quick retry is enough for a PACS that hiccups.
+    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=250)
     modalities = [m.strip().upper() for m in conf.get("dicomweb_modalities", ",".join(DEFAULT_MODALITIES)).split(",")]
     search_filter = {k: v for k, v in dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER).items() if k != "Modality"}
     cache_path = (
