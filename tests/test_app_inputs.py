@@ -1,0 +1,147 @@
+"""The app's server-independent pieces: prompt checking, image reading and intensity mapping, label files, and the
+cached-input decoder path (without a server; the server tests cover the same through HTTP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk  # noqa: N813
+import torch
+from PIL import Image
+
+from lib.image_source import ImageReadError, read_image, to_uint8
+from lib.interactive import InteractiveSegmenter, decode_from_src, prompt_independent_inputs
+from lib.model_store import ModelStore
+from lib.prompt_inputs import InvalidRequestError, parse_prompts
+from lib.volume_io import read_nrrd, write_label, write_slice_label_nrrd
+
+
+def test_slicer_roi_pairs_in_any_order_and_slice_from_roi() -> None:
+    prompts = parse_prompts({"roi": [30, 10, 40, 20, 7, 3]}, (50, 60), 12)
+    np.testing.assert_array_equal(prompts.box, [10, 20, 30, 40])
+    assert prompts.slice_index == 5 and prompts.multimask_output is False
+
+
+def test_clicks_give_the_slice_and_multimask_defaults() -> None:
+    one = parse_prompts({"foreground": [[3, 4, 6]]}, (10, 10), 8)
+    assert one.slice_index == 6 and one.multimask_output is True
+    np.testing.assert_array_equal(one.point_coords, [[3, 4]])
+    two = parse_prompts({"foreground": [[3, 4, 6]], "background": [[5, 5, 6]]}, (10, 10), 8)
+    assert two.multimask_output is False
+    np.testing.assert_array_equal(two.point_labels, [1, 0])
+    forced = parse_prompts({"foreground": [[3, 4]], "slice": 2, "multimask_output": "false"}, (10, 10), 8)
+    assert forced.slice_index == 2 and forced.multimask_output is False
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"foreground": [[3, 4, 1]], "background": [[3, 4, 2]]}, "several slices"),
+        ({"foreground": [[3, 4, 1]], "slice": 2}, "do not match"),
+        ({"roi": [1, 5, 1, 5, 0, 2], "slice": 4}, "do not include"),
+        ({"foreground": [[10, 4, 1]]}, "outside the image"),
+        ({"foreground": [[3, 4, 1.5]]}, "integer"),
+        ({"box": [1, 2, 3]}, "must be [x1, y1, x2, y2]"),
+        ({"foreground": [[1, 1, 1]], "window": {"width": 3}}, "level"),
+    ],
+)
+def test_bad_prompts_name_the_problem(request_: dict, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        parse_prompts(request_, (10, 10), 8)
+    assert info.value.status == 400
+
+
+def test_window_forms_agree() -> None:
+    a = parse_prompts({"foreground": [[1, 1]], "window": [-160, 240]}, (4, 4), None)
+    b = parse_prompts({"foreground": [[1, 1]], "window": {"level": 40, "width": 400}}, (4, 4), None)
+    assert a.window == b.window == (-160.0, 240.0)
+
+
+def test_sixteen_bit_picture_and_dicom_are_mapped_over_their_range(tmp_path: Path) -> None:
+    values = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    source = read_image(tmp_path / "deep.png")
+    assert source.needs_mapping and source.value_range == (0.0, 4000.0)
+    np.testing.assert_array_equal(source.view()[..., 0], to_uint8(values, 0, 4000))
+
+    ct = read_image(pydicom.data.get_testdata_file("CT_small.dcm"))
+    dataset = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    hounsfield = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    assert ct.value_range == (hounsfield.min(), hounsfield.max())
+    windowed = ct.view(window=(-160, 240))
+    np.testing.assert_array_equal(windowed[..., 0], to_uint8(hounsfield, -160, 240))
+    assert windowed.shape == (128, 128, 3)
+
+
+def test_unreadable_and_unsupported_files(tmp_path: Path) -> None:
+    (tmp_path / "broken.nii.gz").write_bytes(b"not gzip")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ImageReadError, match="not a readable volume"):
+        read_image(tmp_path / "broken.nii.gz")
+    with pytest.raises(ImageReadError, match="unsupported file type"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(ImageReadError, match="does not exist"):
+        read_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_slice_label_nrrd_equals_the_full_volume_file(tmp_path: Path, compress: bool, dtype: type) -> None:
+    affine = np.array([[-0.7, 0.1, 0, 10], [0, -0.7, 0, -20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
+    plane = (np.random.default_rng(0).random((20, 30)) > 0.5).astype(dtype)  # (J, I)
+    volume = np.zeros((30, 20, 7), dtype=dtype)
+    volume[:, :, 4] = plane.T
+    write_label(volume, tmp_path / "full.nrrd", affine)
+    write_slice_label_nrrd(tmp_path / "fast.nrrd", (30, 20, 7), 4, plane, affine, compress)
+    full, fast = sitk.ReadImage(str(tmp_path / "full.nrrd")), sitk.ReadImage(str(tmp_path / "fast.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fast), sitk.GetArrayFromImage(full))
+    assert fast.GetPixelID() == full.GetPixelID()
+    np.testing.assert_allclose(fast.GetOrigin(), full.GetOrigin())
+    np.testing.assert_allclose(fast.GetDirection(), full.GetDirection())
+    np.testing.assert_allclose(fast.GetSpacing(), full.GetSpacing())
+    array, read_affine = read_nrrd(tmp_path / "fast.nrrd")
+    np.testing.assert_array_equal(array, volume)
+    np.testing.assert_allclose(read_affine, affine)
+
+
+def test_cached_decoder_inputs_give_the_models_decode(golden_dir: Path) -> None:
+    """The per-click path (prompt-independent inputs computed once) equals SamMed2D.decode, with a mask prompt too."""
+    store = ModelStore(golden_dir / "unused", golden_dir / "meta.json", golden_dir / "weights.pth")
+    model = store.load()
+    cases = np.load(golden_dir / "cases.npz")
+    with torch.inference_mode():
+        features = torch.as_tensor(cases["features"])
+        extras = prompt_independent_inputs(model, features)
+        points = (torch.tensor([[[120.0, 90.0], [60.0, 40.0]]]), torch.tensor([[1, 0]]))
+        mask = torch.as_tensor(cases["one_point.low_res"]).reshape(1, 1, 64, 64)
+        sparse, _ = model.prompt_encoder(points, None, None)
+        for mask_input in (None, mask):
+            src = (
+                extras["src_no_mask"] if mask_input is None else features + model.prompt_encoder.mask_downscaling(mask)
+            )
+            masks, iou = decode_from_src(model, src, extras["image_pe"], sparse)
+            expected, expected_iou = model.decode(features, *points, None, mask_input, multimask_output=False)
+            torch.testing.assert_close(masks[:, :1], expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(iou[:, :1], expected_iou, rtol=0, atol=1e-5)
+
+
+def test_embedding_key_separates_views_windows_and_weights(golden_dir: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    volume = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
+    segmenter = InteractiveSegmenter(ModelStore(tmp_path / "m", golden_dir / "meta.json"), policy="evaluation")
+    source, _ = segmenter.source(str(tmp_path / "v.nii.gz"))
+    keys = {
+        segmenter.embedding_key(source, parse_prompts(request, source.view_hw, 3), model)
+        for request, model in (
+            ({"foreground": [[1, 1, 0]]}, "a"),
+            ({"foreground": [[1, 1, 1]]}, "a"),
+            ({"foreground": [[1, 1, 1]], "window": [0, 10]}, "a"),
+            ({"foreground": [[1, 1, 1]]}, "b"),
+        )
+    }
+    assert len(keys) == 4
