@@ -109,10 +109,18 @@ def curve(epochs: int, finetune_epochs: int, train_pairs: list, test_pairs: list
     dataset = SamMed2DDataset(train_pairs, SMALL.image_size, masks_per_image=5, seed=0)
     dataset.prepare_all()
     scratch = recipe("continual", {"epochs": epochs, "batch_size": 2, "lr": 1e-4, "amp": False, "val_split": 0})
-    history = fit(model, dataset, scratch, on_epoch=_with_stats(lambda e, eng: record("scratch", e, eng)))
+    history = fit(
+        model, dataset, scratch, on_epoch=_with_stats(lambda e, eng: record("scratch", e, eng)), progress=True
+    )
     torch.save(model.state_dict(), out / "small_hc18_scratch.pt")
     finetune = recipe("continual", {"epochs": finetune_epochs, "batch_size": 2, "amp": False, "seed": 1})
-    fit(model, dataset, finetune, on_epoch=_with_stats(lambda e, eng: record("fine-tune", epochs + e, eng)))
+    fit(
+        model,
+        dataset,
+        finetune,
+        on_epoch=_with_stats(lambda e, eng: record("fine-tune", epochs + e, eng)),
+        progress=True,
+    )
     return {"rows": rows, "scratch_history": history}
 
 

@@ -287,6 +287,11 @@ class SimulatedAnnotator:
             losses.append(float(loss.detach()))
             previous_low_res = low_res.detach().float()
             previous = logits.detach()[:, 0] > 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Report the loss of the whole (global) batch, not this process's share.
+            shared = torch.tensor(losses, dtype=torch.float64)
+            dist.all_reduce(shared)
+            losses = (shared / dist.get_world_size()).tolist()
         return {"loss": float(np.mean(losses)), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
@@ -590,7 +595,7 @@ def fit(
     def _record(engine: Engine) -> None:
         state["losses"].append(engine.state.output["loss"])
         state["images"] += engine.state.output["images"] * world_size
-        if progress and rank == 0:
+        if progress and rank == 0 and engine.state.iteration % 20 == 0:
             print(
                 f"epoch {engine.state.epoch} iter {engine.state.iteration}: loss {engine.state.output['loss']:.4f}",
                 flush=True,
