@@ -68,6 +68,8 @@ def studies(tmp_path_factory: pytest.TempPathFactory, golden: dict) -> Path:
     build_demo_datastore(folder)
     Image.fromarray(golden["cases"]["image"]).save(folder / "golden.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    mr = sitk.ReadImage(str(folder / "mr_anatomical.nii.gz"))
+    sitk.WriteImage(mr, str(folder / "mr_copy.nrrd"))  # the same volume as NRRD, written by ITK
     return folder
 
 
@@ -149,7 +151,7 @@ def test_info_lists_interactive_models(server: str) -> None:
     assert info["sam_med2d"]["model_version"] == "base"
     assert info["sam_med2d"]["trained_weights"] is True
     assert "warning" not in info["sam_med2d"]
-    assert info["datastore"]["total"] >= 6
+    assert info["datastore"]["total"] >= 7
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
@@ -264,6 +266,21 @@ def test_slicer_click_on_volume_slice(server: str, studies: Path, engine: Intera
     label_nifti = nib.load(tmp_path / "label.nii.gz")
     np.testing.assert_allclose(label_nifti.affine, nib.load(studies / "mr_anatomical.nii.gz").affine, atol=1e-5)
     np.testing.assert_array_equal(np.asanyarray(label_nifti.dataobj)[:, :, k].T.astype(bool), expected.mask)
+
+
+def test_nrrd_volume_answers_like_its_nifti(server: str, studies: Path, tmp_path: Path) -> None:
+    params = {"foreground": [[16, 20, 12]], "reset": True} | SLICER
+    answers = {}
+    for image in ("mr_anatomical", "mr_copy"):
+        status, result, data, _ = infer(server, "sam_med2d_points", image, params)
+        assert status == 200, result
+        answers[image] = read_label_file(data, f"_{image}.nrrd", tmp_path)
+    nrrd_input = sitk.ReadImage(str(studies / "mr_copy.nrrd"))
+    label = answers["mr_copy"]
+    np.testing.assert_allclose(label.GetOrigin(), nrrd_input.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(label.GetDirection(), nrrd_input.GetDirection(), atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(answers["mr_anatomical"]))
+    assert sitk.GetArrayFromImage(label).any()
 
 
 def test_slicer_roi_then_point_on_volume(server: str) -> None:
