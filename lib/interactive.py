@@ -17,7 +17,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,20 @@ def release_freed_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads (``None``: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _LRU:
@@ -159,6 +173,9 @@ class InteractiveSegmenter:
         cache_bytes: bound of the embedding cache.
         max_sources: loaded images kept in memory (volumes are the large ones).
         max_states: remembered previous masks (client, image, view, label).
+        decode_threads: intra-op threads for the per-click decoder (``None``: torch's setting). The decoder's
+            operations are small: one thread avoids the synchronisation that makes several threads slow, very slow
+            when other processes (a training run) share the cores. The encoder uses torch's setting.
     """
 
     def __init__(
@@ -169,7 +186,9 @@ class InteractiveSegmenter:
         cache_bytes: int = 512 * 2**20,
         max_sources: int = 4,
         max_states: int = 512,
+        decode_threads: int | None = 1,
     ) -> None:
+        self.decode_threads = decode_threads
         self.store = store
         self.device = torch.device(device)
         self.policy = policy
@@ -316,12 +335,13 @@ class InteractiveSegmenter:
             state_key = (client_id, key, label)
             previous = None if reset else self._states.get(state_key)
             t = time.perf_counter()
-            low_res, iou = self._decode(model, entry, prompts, previous)
+            with torch_threads(self.decode_threads):
+                low_res, iou = self._decode(model, entry, prompts, previous)
             times["decode"] = time.perf_counter() - t
             self._states.put(state_key, low_res)
         t = time.perf_counter()
         geometry: FrameGeometry = entry.geometry
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.decode_threads):
             mask = (geometry.masks_to_original(low_res)[0, 0] > 0).numpy()
         times["upsample"] = time.perf_counter() - t
         return Segmentation(

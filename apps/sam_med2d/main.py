@@ -14,6 +14,7 @@ Conf keys (all optional):
 ``download``      ``true`` (default) / ``false``; ``download_url`` overrides where from
 ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 512)
+``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
                   ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
                   next-sample strategy: see ``docs/active_learning.md``
@@ -111,6 +112,7 @@ class SamMed2DApp(MONAILabelApp):
             device=device,
             policy=policy,  # type: ignore[arg-type]
             cache_bytes=int(float(self.conf.get("cache_mb", 512)) * 2**20),
+            decode_threads=int(self.conf.get("decode_threads", 1)) or None,
         )
         self.weights_warning: str | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
