@@ -68,3 +68,29 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, data_dir: Path, go
     assert differ < 0.02 * moved, f"2 processes differ from 1 by {differ:.2e} (training moved weights {moved:.2e})"
     two_loss = json.loads(Path(two + ".json").read_text())["epoch_loss"]
     assert two_loss == pytest.approx(json.loads(Path(one + ".json").read_text())["epoch_loss"], rel=1e-4)
+
+
+def test_torchrun_runs_the_recipe_on_two_cpu_processes(tmp_path: Path, data_dir: Path, golden_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    images, labels = tmp_path / "in" / "images", tmp_path / "in" / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    for image, masks in _pairs(data_dir):
+        (images / image.name).symlink_to(image)
+        (labels / image.name).symlink_to(masks[0])
+    root = Path(__file__).resolve().parents[1]
+    data, out = tmp_path / "dataset", tmp_path / "run"
+    curate = [sys.executable, "-m", "lib.curation", "--images", images, "--labels", labels, "--output", data]
+    assert subprocess.run(curate, cwd=root, capture_output=True, timeout=120).returncode == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [torchrun, "--nproc_per_node", "2", "-m", "trainers.run_recipe", "--config", "sam_med2d_paper"]
+    command += ["--data", data, "--checkpoint", golden_dir / "weights.pth", "--model-config", golden_dir / "meta.json"]
+    command += ["--set", "epochs=1", "--set", "batch_size=1", "--set", "decoder_iterations=1", "--output", out]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["recipe"]["lr_milestones"] == [7, 10]
+    assert set(metrics["epochs"][0]["val_dice"]) == {"box", "1 point", "3 points", "5 points"}
+    assert torch.load(out / "epoch_01.pt", weights_only=True).keys() == torch.load(out / "best.pt").keys()
