@@ -169,6 +169,21 @@ def test_golden_masks_through_rest(server: str, golden: dict, case: str) -> None
     assert result["multimask_output"] is golden["meta"]["cases"][case]["multimask_output"]
 
 
+def test_golden_correction_uses_the_previous_mask(server: str, golden: dict) -> None:
+    """one_point then three_points from one client: the server passes the first click's kept low-res logits as the
+    mask prompt, exactly as the golden three_points case does with the published predictor."""
+    params = golden_request(golden["meta"]["cases"]["one_point"]) | {"client_id": "golden-seq", "label": "x"}
+    status, first, _, _ = infer(server, "sam_med2d_points", "golden", params)
+    assert status == 200 and first["used_previous_mask"] is False
+    params = golden_request(golden["meta"]["cases"]["three_points"]) | {"client_id": "golden-seq", "label": "x"}
+    params["reset"] = False
+    status, second, data, _ = infer(server, "sam_med2d_points", "golden", params)
+    assert status == 200 and second["used_previous_mask"] is True
+    expected = golden["cases"]["three_points.masks_logits"][0] > 0
+    np.testing.assert_array_equal(read_png(data).astype(bool), expected)
+    assert second["iou"] == pytest.approx(float(golden["cases"]["three_points.iou"].ravel()[0]), abs=1e-4)
+
+
 def test_click_then_refine_with_client(server: str, tmp_path: Path) -> None:
     """MONAILabelClient: first click (multimask by default), then a correction that reuses the previous mask."""
     client = MONAILabelClient(server, tmpdir=str(tmp_path), client_id="annotator-1")
