@@ -237,6 +237,33 @@ class InteractiveSegmenter:
             )
             return model, key
 
+    def warm_up(self) -> None:
+        """Load the model and run one encode and decode on a blank picture, so that one-time costs (kernel set-up,
+        lazy imports) are paid at start and not by the first click. Nothing is cached."""
+        import PIL.PngImagePlugin  # noqa: F401 (the label writer's PNG encoder)
+
+        model, _ = self.model()
+        size = model.config.image_size
+        blank = np.zeros((size // 2, size // 2, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            tensor, geometry = preprocess_image(
+                blank, size, model.config.pixel_mean, model.config.pixel_std, self.policy, device=self.device
+            )
+            entry = CachedEmbedding(model.encode(tensor), geometry)
+            entry.extras.update(prompt_independent_inputs(model, entry.features))
+        point = ViewPrompts(
+            point_coords=np.array([[1.0, 1.0]]),
+            point_labels=np.array([1]),
+            box=None,
+            slice_index=None,
+            multimask_output=True,
+            window=None,
+        )
+        with torch_threads(self.decode_threads), torch.inference_mode():
+            low_res, _ = self._decode(model, entry, point, None)
+            self._decode(model, entry, point, low_res)
+            geometry.masks_to_original(low_res)
+
     @property
     def loaded_version_key(self) -> str | None:
         return self._model_key

@@ -191,7 +191,7 @@ class SamMed2DApp(MONAILabelApp):
             )
             banner = "!" * 100
             logger.warning("\n%s\n%s\n%s", banner, self.weights_warning, banner)
-        self.segmenter.model()
+        self.segmenter.warm_up()
         self._start_retraining()
         logger.info("SAM-Med2D ready: %s", self.weights_info())
 
