@@ -29,7 +29,12 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     image = nib.load(str(path))
-    return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
+    proxy = image.dataobj
+    if getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0:
+        data = np.asanyarray(proxy)  # stored dtype (int16 CT stays int16)
+    else:
+        data = image.get_fdata(dtype=np.float32)  # scaled values; float32, not nibabel's default float64
+    return data, np.asarray(image.affine, dtype=np.float64)
 
 
 def read_nrrd(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
