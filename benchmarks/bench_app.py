@@ -90,7 +90,17 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=40)
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "bench_app.json"))
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="MINUTES",
+        help="first wait (up to this long) until the 1-minute load average is below the core count",
+    )
     args = parser.parse_args()
+    deadline = time.monotonic() + 60 * args.wait_quiet
+    while os.getloadavg()[0] >= (os.cpu_count() or 1) and time.monotonic() < deadline:
+        time.sleep(10)
 
     work = Path(tempfile.mkdtemp(prefix="bench_app_"))
     studies = work / "studies"
