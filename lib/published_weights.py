@@ -56,9 +56,11 @@ def download_published_weights(
     model_dir: str | Path,
     url: str = PUBLISHED_URL,
     connect_timeout: float = 5.0,
-    verify: bool = True,
+    verify_config: str | Path | None = "vit_b",
 ) -> Path:
     """Download the published weights into ``model_dir/sam-med2d_b.pth`` and return the path.
+
+    ``verify_config``: the network the file must load as (``None``: no check).
 
     Raises:
         DownloadError: no network, an HTTP error, a web page instead of the file, or a file that does not load as
@@ -86,15 +88,15 @@ def download_published_weights(
         except OSError as exc:
             part.unlink(missing_ok=True)
             raise DownloadError(f"download interrupted: {exc}; {how_to_fetch(model_dir)}") from exc
-    if verify:
+    if verify_config is not None:
         from .checkpoint import CheckpointError, load_model
 
         try:
-            load_model(part, "vit_b")
+            load_model(part, verify_config)
         except CheckpointError as exc:
             part.unlink(missing_ok=True)
             raise DownloadError(
-                f"the downloaded file is not SAM-Med2D ViT-B: {exc}; {how_to_fetch(model_dir)}"
+                f"the downloaded file is not a SAM-Med2D checkpoint of this network: {exc}; {how_to_fetch(model_dir)}"
             ) from exc
     os.replace(part, target)
     logger.info("SAM-Med2D weights saved to %s (%.1f MB)", target, target.stat().st_size / 2**20)

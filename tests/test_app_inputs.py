@@ -145,3 +145,30 @@ def test_embedding_key_separates_views_windows_and_weights(golden_dir: Path, tmp
         )
     }
     assert len(keys) == 4
+
+
+def test_download_checks_the_file_before_keeping_it(golden_dir: Path, tmp_path: Path) -> None:
+    """The weights download (served here by a local HTTP server) keeps a file only if it loads as the network."""
+    import functools
+    import http.server
+    import threading
+
+    from lib.published_weights import PUBLISHED_FILE, DownloadError, download_published_weights, find_local_weights
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(golden_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(DownloadError, match="not a SAM-Med2D checkpoint"):
+            download_published_weights(tmp_path / "a", url=f"{base}/cases.npz", verify_config=golden_dir / "meta.json")
+        assert not any((tmp_path / "a").iterdir())
+        path = download_published_weights(
+            tmp_path / "b", url=f"{base}/weights.pth", verify_config=golden_dir / "meta.json"
+        )
+        assert path.name == PUBLISHED_FILE and path.read_bytes() == (golden_dir / "weights.pth").read_bytes()
+        assert find_local_weights(tmp_path / "b") == path
+        with pytest.raises(DownloadError, match="cannot reach"):
+            download_published_weights(tmp_path / "c", url=f"{base.rsplit(':', 1)[0]}:1/x", connect_timeout=2)
+    finally:
+        server.shutdown()

@@ -180,7 +180,9 @@ class SamMed2DApp(MONAILabelApp):
         if store.serving_path() is None and self.download and not self.conf.get("checkpoint"):
             try:
                 url = self.conf.get("download_url", PUBLISHED_URL)
-                store.base_checkpoint = download_published_weights(store.model_dir, url=url)
+                store.base_checkpoint = download_published_weights(
+                    store.model_dir, url=url, verify_config=self.network_config
+                )
                 self.checkpoint = store.base_checkpoint
             except DownloadError as exc:
                 logger.error("Could not download the published SAM-Med2D weights: %s", exc)
