@@ -121,16 +121,20 @@ class _LRU:
         return len(self._items)
 
 
-def prompt_independent_inputs(model: SamMed2D, features: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What the decoder needs from an image embedding ``(1, C, h, w)`` whatever the prompt.
+def prompt_independent_inputs(
+    model: SamMed2D, features: torch.Tensor, image_pe: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """What the decoder needs with an image embedding ``(1, C, h, w)`` whatever the prompt.
 
-    Returns ``image_pe`` ``(1, C, h, w)``, ``no_mask_dense`` ``(1, C, h, w)`` (the dense embedding used when there is
-    no mask prompt) and ``src_no_mask`` = features + no_mask_dense.
+    Returns ``image_pe`` ``(1, C, h, w)`` (the dense positional encoding: it depends on the weights only, so pass
+    the model's one and every entry shares it) and ``src_no_mask`` = features + the dense embedding used when there
+    is no mask prompt (what the decoder's transformer reads).
     """
     prompt_encoder = model.prompt_encoder
-    image_pe = prompt_encoder.get_dense_pe()
-    no_mask_dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(features).contiguous()
-    return {"image_pe": image_pe, "no_mask_dense": no_mask_dense, "src_no_mask": features + no_mask_dense}
+    if image_pe is None:
+        image_pe = prompt_encoder.get_dense_pe()
+    no_mask_dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    return {"image_pe": image_pe, "src_no_mask": features + no_mask_dense}
 
 
 def decode_from_src(
@@ -183,7 +187,7 @@ class InteractiveSegmenter:
         store: ModelStore,
         device: str | torch.device = "cpu",
         policy: PolicyName = "evaluation",
-        cache_bytes: int = 512 * 2**20,
+        cache_bytes: int = 256 * 2**20,
         max_sources: int = 4,
         max_states: int = 512,
         decode_threads: int | None = 1,
@@ -196,6 +200,7 @@ class InteractiveSegmenter:
         self._sources = _LRU(max_sources)
         self._states = _LRU(max_states)
         self._model: SamMed2D | None = None
+        self._image_pe: torch.Tensor | None = None
         self._model_key: str | None = None
         self._failed_key: str | None = None
         self._lock = threading.RLock()
@@ -222,6 +227,8 @@ class InteractiveSegmenter:
             for p in model.parameters():
                 p.requires_grad_(False)
             old = self._model_key
+            with torch.inference_mode():
+                self._image_pe = model.prompt_encoder.get_dense_pe()
             self._model, self._model_key, self._failed_key = model, key, None
             self.last_load_error = None
             self.cache.invalidate()
@@ -250,7 +257,7 @@ class InteractiveSegmenter:
                 blank, size, model.config.pixel_mean, model.config.pixel_std, self.policy, device=self.device
             )
             entry = CachedEmbedding(model.encode(tensor), geometry)
-            entry.extras.update(prompt_independent_inputs(model, entry.features))
+            entry.extras.update(prompt_independent_inputs(model, entry.features, self._image_pe))
         point = ViewPrompts(
             point_coords=np.array([[1.0, 1.0]]),
             point_labels=np.array([1]),
@@ -294,7 +301,7 @@ class InteractiveSegmenter:
                 view, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, self.policy, device=self.device
             )
             features = model.encode(tensor)
-            extras = prompt_independent_inputs(model, features)
+            extras = prompt_independent_inputs(model, features, self._image_pe)
         entry = CachedEmbedding(features=features, geometry=geometry, extras=extras)
         self.cache.put(key, entry)
         return entry, key, False

@@ -13,7 +13,7 @@ Conf keys (all optional):
 ``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor)
 ``download``      ``true`` (default) / ``false``; ``download_url`` overrides where from
 ``seed``          seed of the random weights served when there is no checkpoint (default 0)
-``cache_mb``      embedding cache size (default 512)
+``cache_mb``      embedding cache size (default 256; about 330 image views of ViT-B)
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
                   ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
@@ -111,7 +111,7 @@ class SamMed2DApp(MONAILabelApp):
             self.model_store,
             device=device,
             policy=policy,  # type: ignore[arg-type]
-            cache_bytes=int(float(self.conf.get("cache_mb", 512)) * 2**20),
+            cache_bytes=int(float(self.conf.get("cache_mb", 256)) * 2**20),
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
         )
         self.weights_warning: str | None = None
