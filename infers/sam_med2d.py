@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.utils.others.generic import strtobool
 
 from lib.image_source import ImageReadError
 from lib.interactive import InteractiveSegmenter, Segmentation
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_VALUE = 1
 RESULT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
-PICTURE_RESULTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PICTURE_RESULTS = (".png", ".tif", ".tiff", ".bmp")  # lossless only: a label must keep its values
 VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".seg.nrrd")
 
 
@@ -64,13 +63,34 @@ class LoadImageSourced:
 
 
 class ReadPromptsd:
-    """The request's prompts -> ``data["prompts"]`` (:class:`lib.prompt_inputs.ViewPrompts`) in view pixels."""
+    """The request's prompts -> ``data["prompts"]`` (:class:`lib.prompt_inputs.ViewPrompts`) in view pixels, and its
+    result options -> ``data["result_format"]``: both checked before any model work."""
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         source = d["image_source"]
         d["prompts"] = parse_prompts(d, source.view_hw, source.num_slices if source.is_volume else None)
+        d["result_format"] = result_format(d, source.is_volume)
         return d
+
+
+def result_format(request: dict[str, Any], is_volume: bool) -> tuple[str, np.dtype, bool]:
+    """``(extension, dtype, compress)`` of the label file from ``result_extension``, ``result_dtype`` and
+    ``result_compress`` (defaults: ``.nii.gz``/``.png``, uint8, gzip for volumes only)."""
+    ext = str(request.get("result_extension") or (".nii.gz" if is_volume else ".png")).lower()
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext not in PICTURE_RESULTS + VOLUME_RESULTS:
+        raise InvalidRequestError(f"result_extension {ext!r} is not supported; use .png, .nrrd, .nii.gz or .nii")
+    if ext in PICTURE_RESULTS and is_volume:
+        raise InvalidRequestError(f"result_extension {ext!r} cannot hold a volume; use .nrrd or .nii.gz")
+    dtype_name = str(request.get("result_dtype") or "uint8").lower()
+    if dtype_name not in RESULT_DTYPES:
+        raise InvalidRequestError(f"result_dtype {dtype_name!r} is not supported; use one of {sorted(RESULT_DTYPES)}")
+    if ext in PICTURE_RESULTS and dtype_name not in ("uint8", "uint16"):
+        raise InvalidRequestError(f"result_dtype {dtype_name!r} cannot be written as {ext}; use uint8 or uint16")
+    # Volumes answer gzip-compressed unless the client says otherwise (a 512x512x300 label is 75 MB raw).
+    compress = bool(parse_bool(request.get("result_compress"), "result_compress", default=is_volume))
+    return ext, np.dtype(RESULT_DTYPES[dtype_name]), compress
 
 
 class KeepLargestComponentd:
@@ -190,34 +210,15 @@ class SamMed2DInfer(BasicInferTask):
         return d
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
-        """Write ``data["pred"]`` as ``result_extension`` (default ``.png`` for 2D, ``.nii.gz`` for volumes) with
-        ``result_dtype`` (default uint8); returns the file and the JSON result."""
+        """Write ``data["pred"]`` in ``data["result_format"]``; returns the file and the JSON result."""
         source = data["image_source"]
-        label = data["pred"]
-        ext = str(data.get("result_extension") or (".nii.gz" if source.is_volume else ".png")).lower()
-        if not ext.startswith("."):
-            ext = "." + ext
-        dtype_name = str(data.get("result_dtype") or "uint8").lower()
-        if dtype_name not in RESULT_DTYPES:
-            raise InvalidRequestError(
-                f"result_dtype {dtype_name!r} is not supported; use one of {sorted(RESULT_DTYPES)}"
-            )
-        if ext not in PICTURE_RESULTS + VOLUME_RESULTS:
-            raise InvalidRequestError(f"result_extension {ext!r} is not supported; use .png, .nrrd, .nii.gz or .nii")
-        if ext in PICTURE_RESULTS and source.is_volume:
-            raise InvalidRequestError(f"result_extension {ext!r} cannot hold a volume; use .nrrd or .nii.gz")
-        label = label.astype(RESULT_DTYPES[dtype_name], copy=False)
-        # Volumes answer gzip-compressed unless the client says otherwise (a 512x512x300 label is 75 MB raw).
-        compress = bool(strtobool(str(data.get("result_compress", source.is_volume))))
+        ext, label_dtype, compress = data["result_format"]
+        label = data["pred"].astype(label_dtype, copy=False)
         fd, output = tempfile.mkstemp(suffix=ext, prefix="sam_med2d_")
         os.close(fd)
         if ext in PICTURE_RESULTS:
             from PIL import Image
 
-            if label.dtype not in (np.uint8, np.uint16):
-                raise InvalidRequestError(
-                    f"result_dtype {dtype_name!r} cannot be written as {ext}; use uint8 or uint16"
-                )
             Image.fromarray(label).save(output, compress_level=1)
         elif source.is_volume and ext.endswith(".nrrd"):
             write_slice_label_nrrd(output, source.pixels.shape[:3], data["label_slice"], label, source.affine, compress)

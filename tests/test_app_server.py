@@ -409,6 +409,9 @@ def test_uploaded_file(server: str, golden: dict) -> None:
         ),
         ("sam_med2d_points", "golden", {"foreground": [[10, 10]], "window": [5, 1]}, 400, "window"),
         ("no_such_model", "golden", {"foreground": [[10, 10]]}, 404, "unknown model"),
+        ("sam_med2d_points", "golden", {"foreground": [[10, 10]], "result_extension": ".jpg"}, 400, "not supported"),
+        ("sam_med2d_points", "mr_anatomical", {"foreground": [[1, 1, 1]], "result_extension": ".png"}, 400, "volume"),
+        ("sam_med2d_points", "golden", {"foreground": [[10, 10]], "result_dtype": "float32"}, 400, "uint8 or uint16"),
     ],
 )
 def test_bad_requests_get_4xx(server: str, model: str, image: str, params: dict, status: int, words: str) -> None:
