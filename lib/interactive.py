@@ -270,6 +270,8 @@ class InteractiveSegmenter:
             low_res, _ = self._decode(model, entry, point, None)
             self._decode(model, entry, point, low_res)
             geometry.masks_to_original(low_res)
+        del entry, low_res
+        release_freed_memory()
 
     @property
     def loaded_version_key(self) -> str | None:
