@@ -62,13 +62,14 @@ class Segmentation:
     model_version: str
 
 
-def release_freed_memory() -> None:
-    """Give memory freed after a model load (the checkpoint's tensors, the replaced model) back to the system.
+def release_freed_memory(collect: bool = True) -> None:
+    """Give freed memory (a checkpoint's tensors, a replaced model, encoder activations) back to the system.
 
     glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in its heap; ``malloc_trim`` returns
     them, which keeps the server's resident memory near the model's own size. No-op where glibc is absent.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -306,6 +307,7 @@ class InteractiveSegmenter:
             extras = prompt_independent_inputs(model, features, self._image_pe)
         entry = CachedEmbedding(features=features, geometry=geometry, extras=extras)
         self.cache.put(key, entry)
+        release_freed_memory(collect=False)  # the encoder's activations, so resident memory does not creep up
         return entry, key, False
 
     def embedding_key(self, source: ImageSource, prompts: ViewPrompts, model_key: str) -> EmbeddingKey:
