@@ -81,7 +81,8 @@ def _parse_cron_field(text: str, name: str, low: int, high: int) -> frozenset[in
 @dataclasses.dataclass(frozen=True)
 class CronSchedule:
     """A five-field cron expression (``*``, numbers, ``a-b``, ``*/n``, ``a-b/n`` and lists; day of week 0 or 7 is
-    Sunday). As in cron, when both day of month and day of week are restricted a day matching either one counts."""
+    Sunday), fields separated by spaces or ``_``. As in cron, when both day of month and day of week are restricted a
+    day matching either one counts."""
 
     expression: str
     minutes: frozenset[int]
@@ -94,7 +95,7 @@ class CronSchedule:
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
-        fields = expression.split()
+        fields = expression.replace("_", " ").split()  # "_" too: the monailabel launcher splits --conf on spaces
         if len(fields) != 5:
             raise ValueError(
                 f"cron expression {expression!r} must have 5 fields (minute hour day-of-month month day-of-week)"

@@ -110,6 +110,8 @@ def test_cron_parsing_and_next_time():
     nightly_weekdays = CronSchedule.parse("30 2 * * 1-5")
     # Friday 2026-01-02 03:00 -> Monday 2026-01-05 02:30
     assert nightly_weekdays.next_after(dt.datetime(2026, 1, 2, 3, 0)) == dt.datetime(2026, 1, 5, 2, 30)
+    underscored = CronSchedule.parse("30_2_*_*_1-5")  # as written through the monailabel launcher
+    assert underscored.next_after(dt.datetime(2026, 1, 2, 3, 0)) == dt.datetime(2026, 1, 5, 2, 30)
     sunday = CronSchedule.parse("0 0 * * 7")
     assert sunday.next_after(dt.datetime(2026, 1, 1)) == dt.datetime(2026, 1, 4)
     for bad in ("* * * *", "61 * * * *", "*/0 * * * *", "a * * * *", "5-1 * * * *"):

@@ -42,6 +42,18 @@ def _wait(condition, timeout: float, what: str, url: str, every: float = 1.0):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; server log:\n{server_log(url)[-8000:]}")
 
 
+class Phases:
+    """Prints how long each phase took (``pytest -s`` shows it; the test's budget is tight on 2 CPUs)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        now = time.monotonic()
+        print(f"[{now - self.start:6.1f} s] +{now - self.last:5.1f} s  {what}", flush=True)
+        self.last = now
+
+
 def _info(url: str) -> dict:
     return requests.get(f"{url}/info/", timeout=30).json()
 
@@ -79,9 +91,11 @@ def server(tmp_path, data_dir, golden_dir):
         "device": "cpu",
         "retrain_after_labels": LABELS_BEFORE_RETRAIN,
         "retrain_poll_seconds": 1,
-        "retrain_params": json.dumps(TRAIN),
+        "retrain_params": json.dumps(TRAIN, separators=(",", ":")),  # the launcher splits on spaces
     }
-    url = start_server(APP, studies, conf)
+    # MONAI Label's own scoring after every /activelearning call would queue one scoring process per label on top of
+    # the training run (two CPUs here); the scheduler keeps the scores current by itself.
+    url = start_server(APP, studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     if "sam_med2d" not in _info(url).get("trainers", {}):
         stop_server(url)
         pytest.skip("the app registers no sam_med2d train task")
@@ -91,6 +105,7 @@ def server(tmp_path, data_dir, golden_dir):
 
 def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(server):
     url, masks, model_dir, ids = server
+    phase = Phases()
     info = _info(url)
     assert info["retraining"]["active_version"] == "base"
     assert info["retraining"]["policy"]["after_labels"] == LABELS_BEFORE_RETRAIN
@@ -104,6 +119,7 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
         url,
     )
     assert progress["done"] == progress["total"] == 10
+    phase("background scoring of 10 images finished")
 
     saved: list[str] = []
     for n in range(LABELS_BEFORE_RETRAIN):
@@ -125,20 +141,22 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
             time.sleep(1.5)  # a poll happens in between: no run may start before the threshold
             assert _info(url)["retraining"]["running"] is None
 
+    phase(f"{LABELS_BEFORE_RETRAIN} labels saved")
     running = _wait(lambda: _info(url)["retraining"]["running"], 60, "the retraining run to start", url)
+    phase("retraining started by itself")
     assert running["trigger"] == "labels" and f"{LABELS_BEFORE_RETRAIN} new final labels" in running["reason"]
     assert running["version_before"] == "base"
 
     # clicks are answered while the run trains, by the model that served before
     probe = sorted(set(ids) - set(saved))[0]
-    answered_during_training = 0
+    versions_during_training = []
     while _info(url)["retraining"]["running"]:
         result = _click(url, probe, (400, 270))
         if _train_status(url).get("status") == "RUNNING":
-            assert result["model_version"] == "base"
-            answered_during_training += 1
+            versions_during_training.append(result["model_version"])
         time.sleep(2)
-    assert answered_during_training >= 1, "no click was answered while training ran"
+    phase(f"run ended; {len(versions_during_training)} clicks answered while it trained")
+    assert versions_during_training and versions_during_training[0] == "base", versions_during_training
 
     info = _info(url)
     first = info["retraining"]["history"][-1]
@@ -149,6 +167,7 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
     assert first["metrics"]["best_val_dice"] >= first["metrics"]["baseline_val_dice"]
     assert [v["version"] for v in info["retraining"]["versions"]] == [version]
     assert _click(url, probe, (400, 270))["model_version"] == version
+    assert set(versions_during_training) <= {"base", version}  # the new version serves from its publication on
 
     # a diverging run (manual /train with a huge learning rate) finishes but is not promoted
     response = requests.post(f"{url}/train/sam_med2d", json={**TRAIN, "lr": 1e4, "max_epochs": 2}, timeout=60)
@@ -160,6 +179,7 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
         url,
         every=2,
     )
+    phase("diverging run ended")
     info = _info(url)
     worse = info["retraining"]["history"][-1]
     assert worse["trigger"] == "manual" and worse["status"] == "not_promoted", worse

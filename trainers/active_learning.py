@@ -123,6 +123,12 @@ class SamUncertaintyScoring(ScoringMethod):
                 }
             except ImageReadError as exc:
                 failed += 1
+                # kept with the model key so it is not retried until the model or the file changes
+                data["scores"][image_id] = {
+                    "error": str(exc),
+                    "model_key": version_key,
+                    "content": _content(datastore, image_id),
+                }
                 logger.warning(f"Uncertainty scoring: {image_id} skipped: {exc}")
             data["progress"]["done"] = len(images) - len(todo) + count
             self.scores.save(data)
@@ -163,8 +169,9 @@ class SamUncertaintyStrategy(Strategy):
         key = self.model_store.version_key()
         data = self.scores.load()
         scores = data["scores"]
-        current = {i: scores[i] for i in images if i in scores and scores[i].get("model_key") == key}
-        stale = {i: scores[i] for i in images if i in scores and i not in current}
+        scored = {i: scores[i] for i in images if "score" in scores.get(i, {})}
+        current = {i: e for i, e in scored.items() if e.get("model_key") == key}
+        stale = {i: e for i, e in scored.items() if i not in current}
         pool, freshness = (current, "current") if current else (stale, "stale") if stale else ({}, "none")
         now = time.time()
 
@@ -231,3 +238,11 @@ def active_learning_scoring(
     threads = int(conf.get("uncertainty_threads", 1))
     config = uncertainty_config_from_conf(conf)
     return {NAME: SamUncertaintyScoring(model_store, config, device=device, policy=policy, threads=threads)}
+
+
+def scores_missing(model_store: ModelStore, datastore: Datastore) -> int:
+    """How many unlabeled images have no score from the serving model (content changes are the scoring task's to
+    find; this check only reads the scores file)."""
+    key = model_store.version_key()
+    scores = UncertaintyScores(model_store.model_dir / SCORES_FILE).load()["scores"]
+    return sum(1 for i in datastore.get_unlabeled_images() if scores.get(i, {}).get("model_key") != key)

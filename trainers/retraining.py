@@ -11,9 +11,11 @@ server. It follows every train task, including manual ``/train`` requests, and r
 ``failed``         the task exited with an error (the served model is untouched)
 ``stopped``        stopped through ``DELETE /train``
 
-After a promotion it asks for the uncertainty scores to be recomputed with the new model. Everything is logged
-(``Retraining: run N started (labels: 5 new final labels ...)`` / ``... ended: promoted; serving v0002-...``) and
-shown in ``/info`` under ``retraining``.
+It also keeps the uncertainty scores current: when unlabeled images lack a score from the serving model (new images,
+a new version after a promotion or a rollback) and neither training nor scoring runs, it starts the
+``sam_uncertainty`` scoring task (at most every ``SCORING_BACKOFF_SECONDS``), so the scores do not depend on MONAI
+Label's ``MONAI_LABEL_AUTO_UPDATE_SCORING``. Everything is logged (``Retraining: run N started (labels: 5 new final
+labels ...)`` / ``... ended: promoted; serving v0002-...``) and shown in ``/info`` under ``retraining``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,10 +44,12 @@ from lib.retraining import (
     RetrainPolicy,
     Trigger,
 )
+from trainers.active_learning import scores_missing
 
 logger = logging.getLogger(__name__)
 
 ACTIVE = ("SUBMITTED", "RUNNING")
+SCORING_BACKOFF_SECONDS = 30.0
 
 
 def final_label_stamps(datastore: Datastore, refresh: bool = False) -> dict[str, str]:
@@ -71,7 +76,7 @@ class RetrainingScheduler:
         policy: the triggers (from ``--conf retrain_*``).
         model: the train task to run.
         train_params: request parameters of the runs it starts (e.g. ``{"max_epochs": 2}``).
-        rescore: scoring methods to rerun after a promotion.
+        rescore: scoring methods to start whenever :func:`trainers.active_learning.scores_missing` finds work.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class RetrainingScheduler:
         self.rescore = rescore
         self.controller = RetrainingController(self.store.model_dir / STATE_FILE, policy)
         self._known_tasks: set[str] = set()
+        self._last_scoring = 0.0
         self._tick_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -130,9 +136,29 @@ class RetrainingScheduler:
             labels = final_label_stamps(self.app.datastore(), refresh=not settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
             self._follow(labels)
             busy = any(t.get("status") in ACTIVE for t in tasks("train"))
-            if not self.policy.enabled and not self.controller.queued:
-                return None
-            return self.controller.begin(labels, busy, self._launch, self.store.active_version())
+            record = None
+            if self.policy.enabled or self.controller.queued:
+                record = self.controller.begin(labels, busy, self._launch, self.store.active_version())
+            if record is None and not busy and not self.controller.running:
+                self._refresh_scores()
+            return record
+
+    def _refresh_scores(self) -> None:
+        """Start the scoring task when images lack a score from the serving model (not while training)."""
+        if not self.rescore or time.monotonic() - self._last_scoring < SCORING_BACKOFF_SECONDS:
+            return
+        if any(t.get("status") in ACTIVE for t in tasks("scoring")):
+            return
+        missing = scores_missing(self.store, self.app.datastore())
+        if not missing:
+            return
+        self._last_scoring = time.monotonic()
+        for method in self.rescore:
+            logger.info(
+                f"Retraining scheduler: {missing} unlabeled images lack a {method} score from "
+                f"{self.store.active_version()}; scoring"
+            )
+            AsyncTask.run("scoring", request={"method": method})
 
     def _launch(self, trigger: Trigger) -> str | None:
         """Start a train task as ``POST /train/<model>`` does; ``None`` when one is already running."""
@@ -194,7 +220,10 @@ class RetrainingScheduler:
             message = f"train task failed; the served model is unchanged: {reason}"
         elif after != running.get("version_before") and meta.get("version") == after:
             outcome = PROMOTED
-            metrics.update(meta.get("metrics", {}))
+            published = meta.get("metrics", {})
+            metrics.update(
+                {k: published[k] for k in ("val_dice", "epoch", "train_images", "val_images") if k in published}
+            )
             message = f"new version {after} serves" + (
                 f": {stats['publish_reason']}" if "publish_reason" in stats else ""
             )
@@ -204,12 +233,6 @@ class RetrainingScheduler:
                 f": {stats['publish_reason']}" if stats.get("publish_reason") else ""
             )
         self.controller.finished(outcome, after, metrics, message)
-        if outcome == PROMOTED:
-            for method in self.rescore:
-                try:
-                    self.app.async_scoring(method)
-                except Exception as exc:  # scoring is best effort; the next /activelearning call retries it
-                    logger.warning(f"Retraining: could not start {method} scoring after promotion: {exc}")
 
     # ------------------------------------------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
