@@ -182,7 +182,8 @@ def configure_cpu_math() -> None:
     """Flush denormal floats to zero on CPU.
 
     Fresh adapters and small gradients produce denormals, and x86 CPUs handle them up to 10x slower (measured on the
-    encoder backward pass); their values are below 1e-38 and do not matter to training.
+    encoder backward pass); their values are below 1e-38 and do not matter to training. The setting is per thread
+    and new threads inherit it, so call this before the first parallel operation of the process.
     """
     torch.set_flush_denormal(True)
 

@@ -147,6 +147,8 @@ class SamMed2DTrain(BasicTrainTask):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         request = dict(request)
         request["_explicit"] = sorted(request)
+        if not torch.cuda.is_available():
+            configure_cpu_math()  # before the first parallel op: threads created later inherit the setting
         self.recipe_for(request)  # reject unknown recipes and bad values before anything runs
         multi = str(request.get("multi_gpu", self._config["multi_gpu"])).lower() in _TRUE
         request["multi_gpu"] = multi
