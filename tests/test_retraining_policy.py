@@ -57,7 +57,7 @@ def test_trigger_during_a_run_queues_exactly_one_more(tmp_path):
     assert ctl.poll(labels(4), busy=True) is None
     assert ctl.queued is not None
     assert ctl.poll(labels(8), busy=True) is None
-    ctl.finished(NOT_PROMOTED, "base", {"val_dice": 0.1}, "validation Dice dropped")
+    ctl.finished(NOT_PROMOTED, "base", {"val_dice": 0.1, "loss": float("nan")}, "validation Dice dropped")
     queued = ctl.poll(labels(8), busy=False)
     assert queued is not None and queued.kind == "queued"
     ctl.started(queued, labels(8), "task-2", "base")
@@ -68,7 +68,7 @@ def test_trigger_during_a_run_queues_exactly_one_more(tmp_path):
     assert [h["status"] for h in history] == [NOT_PROMOTED, PROMOTED]
     assert [h["trigger"] for h in history] == ["labels", "queued"]
     assert history[1]["version_before"] == "base" and history[1]["version_after"] == "v0001"
-    assert history[0]["metrics"] == {"val_dice": 0.1}
+    assert history[0]["metrics"] == {"val_dice": 0.1, "loss": None}  # a diverged run's NaN is served as null
 
 
 def test_busy_with_a_manual_run_blocks_start(tmp_path):
