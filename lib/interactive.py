@@ -180,7 +180,9 @@ class InteractiveSegmenter:
         max_states: remembered previous masks (client, image, view, label).
         decode_threads: intra-op threads for the per-click decoder (``None``: torch's setting). The decoder's
             operations are small: one thread avoids the synchronisation that makes several threads slow, very slow
-            when other processes (a training run) share the cores. The encoder uses torch's setting.
+            when other processes (a training run) share the cores.
+        encode_threads: intra-op threads for the image encoder (``None``: torch's setting). OpenMP threads that
+            wait for a descheduled sibling spin: on a busy machine two threads can take several times as long as one.
     """
 
     def __init__(
@@ -192,8 +194,10 @@ class InteractiveSegmenter:
         max_sources: int = 4,
         max_states: int = 512,
         decode_threads: int | None = 1,
+        encode_threads: int | None = None,
     ) -> None:
         self.decode_threads = decode_threads
+        self.encode_threads = encode_threads
         self.store = store
         self.device = torch.device(device)
         self.policy = policy
@@ -257,7 +261,8 @@ class InteractiveSegmenter:
             tensor, geometry = preprocess_image(
                 blank, size, model.config.pixel_mean, model.config.pixel_std, self.policy, device=self.device
             )
-            entry = CachedEmbedding(model.encode(tensor), geometry)
+            with torch_threads(self.encode_threads):
+                entry = CachedEmbedding(model.encode(tensor), geometry)
             entry.extras.update(prompt_independent_inputs(model, entry.features, self._image_pe))
         point = ViewPrompts(
             point_coords=np.array([[1.0, 1.0]]),
@@ -303,7 +308,8 @@ class InteractiveSegmenter:
             tensor, geometry = preprocess_image(
                 view, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, self.policy, device=self.device
             )
-            features = model.encode(tensor)
+            with torch_threads(self.encode_threads):
+                features = model.encode(tensor)
             extras = prompt_independent_inputs(model, features, self._image_pe)
         entry = CachedEmbedding(features=features, geometry=geometry, extras=extras)
         self.cache.put(key, entry)
