@@ -269,7 +269,11 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
             for instance in instances:
                 instance.save_as(str(staging / f"{instance.SOPInstanceUID}.dcm"))
             shutil.rmtree(folder, ignore_errors=True)
-            os.replace(staging, folder)
+            try:
+                os.replace(staging, folder)
+            except OSError:  # another process (a training or scoring run on the same cache) finished first
+                if not folder.is_dir() or not any(folder.iterdir()):
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
