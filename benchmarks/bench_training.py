@@ -129,9 +129,9 @@ def evaluation_samples(pairs: list) -> list[EvalSample]:
     return [EvalSample(read_image(i), np.stack([read_mask(m) for m in ms]), str(i)) for i, ms in pairs]
 
 
-def curve(epochs: int, finetune_epochs: int, train_pairs: list, test_pairs: list, out: Path) -> dict:
+def curve(epochs: int, finetune_epochs: int, train_pairs: list, test_pairs: list, out: Path, seed: int = 0) -> dict:
     samples = evaluation_samples(test_pairs)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(SMALL)
     rows: list[dict] = []
 
@@ -145,21 +145,24 @@ def curve(epochs: int, finetune_epochs: int, train_pairs: list, test_pairs: list
         print(json.dumps(row), flush=True)
 
     record("scratch", 0)
-    dataset = SamMed2DDataset(train_pairs, SMALL.image_size, masks_per_image=5, seed=0)
+    dataset = SamMed2DDataset(train_pairs, SMALL.image_size, masks_per_image=5, seed=seed)
     dataset.prepare_all()
-    scratch = recipe("continual", {"epochs": epochs, "batch_size": 2, "lr": 1e-4, "amp": False, "val_split": 0})
+    scratch = recipe(
+        "continual", {"epochs": epochs, "batch_size": 2, "lr": 1e-4, "amp": False, "val_split": 0, "seed": seed}
+    )
     history = fit(
         model, dataset, scratch, on_epoch=_with_stats(lambda e, eng: record("scratch", e, eng)), progress=True
     )
-    torch.save(model.state_dict(), out / "small_hc18_scratch.pt")
-    finetune = recipe("continual", {"epochs": finetune_epochs, "batch_size": 2, "amp": False, "seed": 1})
-    fit(
-        model,
-        dataset,
-        finetune,
-        on_epoch=_with_stats(lambda e, eng: record("fine-tune", epochs + e, eng)),
-        progress=True,
-    )
+    torch.save(model.state_dict(), out / f"small_hc18_scratch_seed{seed}.pt")
+    if finetune_epochs > 0:
+        finetune = recipe("continual", {"epochs": finetune_epochs, "batch_size": 2, "amp": False, "seed": seed + 1})
+        fit(
+            model,
+            dataset,
+            finetune,
+            on_epoch=_with_stats(lambda e, eng: record("fine-tune", epochs + e, eng)),
+            progress=True,
+        )
     return {"rows": rows, "scratch_history": history}
 
 
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--skip-curve", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="model init and training seed of the curve (split fixed)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds per loop (small model)")
     parser.add_argument("--train-images", type=int, default=0, help="use only N training images (quick check)")
@@ -209,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['speedup']:.2f}x | {ref} |"
             )
     if not args.skip_curve:
-        result = curve(args.epochs, args.finetune_epochs, train_pairs, test_pairs, RESULTS)
+        result = curve(args.epochs, args.finetune_epochs, train_pairs, test_pairs, RESULTS, args.seed)
         report["curve"] = result["rows"]
         print_curve(result["rows"])
-        plot_curve(result["rows"], RESULTS / "training_curve.png")
-    name = "training_curve.json" if not args.skip_curve else "training_throughput.json"
+        plot_curve(result["rows"], RESULTS / f"training_curve_seed{args.seed}.png")
+    name = f"training_curve_seed{args.seed}.json" if not args.skip_curve else "training_throughput.json"
     (RESULTS / name).write_text(json.dumps(report, indent=1))
     return 0
 
