@@ -222,6 +222,7 @@ def main() -> None:
         print(f"| {label:<46} | {rows[key] * scale:>10.3f} | {cpu} | {shown_target:>8} |")
     print("\nwall: as the client saw it; CPU: server + client CPU time of the click (mean per click for a series),")
     print("what an idle machine would show; p50 rows show the series' mean CPU per click.")
+    print(f"server breakdown of the cold 2D click (ms): {first['timings_ms']}")
     print(f"server breakdown of the last warm 2D click (ms): {last_2d['timings_ms']}")
     print(f"monailabel stage latencies of that click (s): {last_2d['latencies']}")
     print(f"server breakdown of the last warm 3D click (ms): {last_3d['timings_ms']}")
