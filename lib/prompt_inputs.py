@@ -165,17 +165,15 @@ def parse_prompts(
                 raise InvalidRequestError(f"{where} must be [x, y] or [i, j, k]")
             x, y = _number(coords[0], where), _number(coords[1], where)
             if len(coords) == 3:
-                k = _number(coords[2], where)
-                if k != int(k):
-                    raise InvalidRequestError(f"{where}: slice index k must be an integer")
+                k = round(_number(coords[2], where))  # the nearest slice (RAS->IJK can give 11.9999)
                 if not is_volume and k != 0:
                     raise InvalidRequestError(f"{where} is outside the image: a 2D image has only slice 0")
                 if is_volume:
                     if not 0 <= k < num_slices:
                         raise InvalidRequestError(
-                            f"{where} is outside the image: slice {int(k)} of a volume with {num_slices} slices"
+                            f"{where} is outside the image: slice {k} of a volume with {num_slices} slices"
                         )
-                    click_slices.add(int(k))
+                    click_slices.add(k)
             if not (0 <= x < w and 0 <= y < h):
                 size = f"{w}x{h} (x in 0..{w - 1}, y in 0..{h - 1})"
                 raise InvalidRequestError(f"{where} is outside the image of size {size}")
@@ -239,10 +237,8 @@ def _parse_box(
     if len(numbers) == 6:  # Slicer: [i_a, i_b, j_a, j_b, k_a, k_b], pairs unordered
         x1, x2 = sorted(numbers[0:2])
         y1, y2 = sorted(numbers[2:4])
-        k1, k2 = sorted(numbers[4:6])
-        if k1 != int(k1) or k2 != int(k2):
-            raise InvalidRequestError(f"{name}: slice indices must be integers, got {values!r}")
-        slices = (int(k1), int(k2))
+        k1, k2 = sorted(round(k) for k in numbers[4:6])
+        slices = (k1, k2)
         if not is_volume and slices != (0, 0):
             raise InvalidRequestError(f"{name} {values!r} is outside the image: a 2D image has only slice 0")
     elif len(numbers) == 4:

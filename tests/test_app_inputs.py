@@ -26,7 +26,7 @@ def test_slicer_roi_pairs_in_any_order_and_slice_from_roi() -> None:
 
 
 def test_clicks_give_the_slice_and_multimask_defaults() -> None:
-    one = parse_prompts({"foreground": [[3, 4, 6]]}, (10, 10), 8)
+    one = parse_prompts({"foreground": [[3, 4, 5.9999]]}, (10, 10), 8)
     assert one.slice_index == 6 and one.multimask_output is True
     np.testing.assert_array_equal(one.point_coords, [[3, 4]])
     two = parse_prompts({"foreground": [[3, 4, 6]], "background": [[5, 5, 6]]}, (10, 10), 8)
@@ -43,7 +43,7 @@ def test_clicks_give_the_slice_and_multimask_defaults() -> None:
         ({"foreground": [[3, 4, 1]], "slice": 2}, "do not match"),
         ({"roi": [1, 5, 1, 5, 0, 2], "slice": 4}, "do not include"),
         ({"foreground": [[10, 4, 1]]}, "outside the image"),
-        ({"foreground": [[3, 4, 1.5]]}, "integer"),
+        ({"foreground": [[3, 4, 1]], "slice": 1.5}, "integer"),
         ({"box": [1, 2, 3]}, "must be [x1, y1, x2, y2]"),
         ({"foreground": [[1, 1, 1]], "window": {"width": 3}}, "level"),
     ],
