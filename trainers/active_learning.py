@@ -106,7 +106,7 @@ class SamUncertaintyScoring(ScoringMethod):
             return {"model_version": version, "scored": 0, "total": len(images)}
 
         scorer = UncertaintyScorer(self.model_store.load(self.device), self.config, policy=self.policy)
-        start = time.perf_counter()
+        start = last_save = time.perf_counter()
         failed = 0
         for count, image_id in enumerate(todo, 1):
             path = datastore.get_image_uri(image_id)
@@ -131,7 +131,9 @@ class SamUncertaintyScoring(ScoringMethod):
                 }
                 logger.warning(f"Uncertainty scoring: {image_id} skipped: {exc}")
             data["progress"]["done"] = len(images) - len(todo) + count
-            self.scores.save(data)
+            if time.perf_counter() - last_save >= 1.0:  # progress at most once a second: the file holds every score
+                self.scores.save(data)
+                last_save = time.perf_counter()
             logger.info(
                 f"Uncertainty scoring: {count}/{len(todo)} {image_id} -> "
                 f"{data['scores'].get(image_id, {}).get('score', float('nan')):.4f} "
