@@ -25,10 +25,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import tasks
@@ -53,12 +54,18 @@ SCORING_BACKOFF_SECONDS = 30.0
 
 
 def final_label_stamps(datastore: Datastore, refresh: bool = False) -> dict[str, str]:
-    """``{image id: stamp}`` of every final label; the stamp (file size and mtime) changes when a label is replaced."""
+    """``{image id: stamp}`` of every final label; the stamp changes when a label is replaced: the label file's size and
+    mtime in a local datastore, the label id elsewhere (a DICOM SEG saved again is a new series; nothing is
+    downloaded)."""
     if refresh:
         datastore.refresh()
     stamps: dict[str, str] = {}
+    local = isinstance(datastore, LocalDatastore) and type(datastore).get_label_uri is LocalDatastore.get_label_uri
     for image_id in datastore.get_labeled_images():
         label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
+        if not local:
+            stamps[image_id] = str(label_id)
+            continue
         uri = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL) if label_id else ""
         try:
             stat = os.stat(uri)
@@ -133,12 +140,20 @@ class RetrainingScheduler:
     def tick(self) -> dict[str, Any] | None:
         """One poll: follow train tasks, then start a run if one is due; returns the record of a run started."""
         with self._tick_lock:
-            labels = final_label_stamps(self.app.datastore(), refresh=not settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
+            stamps: dict[str, str] | None = None
+
+            def labels() -> dict[str, str]:  # read only when needed: on a DICOMweb datastore it queries the PACS
+                nonlocal stamps
+                if stamps is None:
+                    refresh = not settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD
+                    stamps = final_label_stamps(self.app.datastore(), refresh=refresh)
+                return stamps
+
             self._follow(labels)
             busy = any(t.get("status") in ACTIVE for t in tasks("train"))
             record = None
             if self.policy.enabled or self.controller.queued:
-                record = self.controller.begin(labels, busy, self._launch, self.store.active_version())
+                record = self.controller.begin(labels(), busy, self._launch, self.store.active_version())
             if record is None and not busy and not self.controller.running:
                 self._refresh_scores()
             return record
@@ -149,10 +164,10 @@ class RetrainingScheduler:
             return
         if any(t.get("status") in ACTIVE for t in tasks("scoring")):
             return
+        self._last_scoring = time.monotonic()
         missing = scores_missing(self.store, self.app.datastore())
         if not missing:
             return
-        self._last_scoring = time.monotonic()
         for method in self.rescore:
             logger.info(
                 f"Retraining scheduler: {missing} unlabeled images lack a {method} score from "
@@ -170,7 +185,7 @@ class RetrainingScheduler:
         return str(task["id"])
 
     # --------------------------------------------------------------------------------------------- bookkeeping
-    def _follow(self, labels: Mapping[str, str]) -> None:
+    def _follow(self, labels: Callable[[], Mapping[str, str]]) -> None:
         running = self.controller.running
         by_id = {t["id"]: t for t in tasks("train")}
         if running:
@@ -188,7 +203,7 @@ class RetrainingScheduler:
             if task.get("status") in ACTIVE and self.controller.running is None:
                 params = {k: v for k, v in task.get("request", {}).items() if k not in ("model", "gpus", "bundle_path")}
                 reason = f"manual /train request (params {params})" if params else "manual /train request"
-                self.controller.started(Trigger("manual", reason), labels, task_id, self.store.active_version())
+                self.controller.started(Trigger("manual", reason), labels(), task_id, self.store.active_version())
 
     def _train_stats(self, running: Mapping[str, Any]) -> dict[str, Any]:
         """The train task's report of this run (``train_stats.json``), if it wrote one since the run started."""
