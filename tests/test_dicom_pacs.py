@@ -72,15 +72,25 @@ def pacs(orthanc: Orthanc, data_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def server(orthanc: Orthanc, pacs: dict[str, str], golden_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model")
+
+
+@pytest.fixture(scope="module")
+def server(
+    orthanc: Orthanc, pacs: dict[str, str], golden_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):
     conf = {
         "model": golden_dir / "meta.json",
         "checkpoint": golden_dir / "weights.pth",
         "download": "false",
+        "model_dir": model_dir,
         "dicomweb_cache_path": tmp_path_factory.mktemp("dicomweb_cache"),
         "dicomweb_cache_s": 0,
     }
-    url = start_server(APP, orthanc.dicomweb_url, conf)
+    # No uncertainty scoring after every save and training run: on two shared cores it would score every series of
+    # the PACS in the background while the tests time the requests (tests/test_ohif_browser.py keeps the default).
+    url = start_server(APP, orthanc.dicomweb_url, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     yield url
     print(server_log(url)[-5000:])
     stop_server(url)
@@ -232,6 +242,17 @@ def test_whole_path_click_save_seg_find_it_and_train_on_it(
     samples = volume_label_samples(items[ct]["image"], items[ct]["label"], items[ct]["segments"])
     assert [s.slice_index for s in samples] == [5] and samples[0].names == ["kidney", "spleen"]
     assert np.array_equal(samples[0].masks[1], (relabel[:, :, 5] == 2).T)
+
+
+def test_training_reads_the_seg_labels_from_the_pacs(server: str, model_dir: Path, pacs: dict[str, str]) -> None:
+    """POST /train: the training subprocess rebuilds the app, lists the SEGs in Orthanc and curates them: the app's
+    SEG of the 20-slice CT (two segments on one slice) and dcmqi's liver SEG of the 3-slice CT (three slices)."""
+    params = {"max_epochs": 1, "train_batch_size": 2, "val_split": 0.5, "val_points": "1"}
+    response = requests.post(f"{server}/train/sam_med2d?run_sync=true", json=params, timeout=600)
+    assert response.status_code == 200, response.text + server_log(server)[-4000:]
+    stats = json.loads((model_dir / "train" / "train_stats.json").read_text())
+    assert stats["status"] == "completed", server_log(server)[-4000:]
+    assert {stats["train_images"], stats["val_images"]} == {1, 3}  # split by case: one series each side
 
 
 def test_unknown_series_is_404_and_stores_nothing(server: str, orthanc: Orthanc, pacs: dict[str, str]) -> None:
