@@ -26,7 +26,6 @@ from lib.dicom_seg import read_seg, read_series, volume_label_samples
 from lib.training import prepare_image
 from scripts.dicom_demo import hc18_pixel_size, picture_to_us_frame, volume_to_mr_series
 from scripts.orthanc import Orthanc, OrthancError, missing_requirements
-from tests.conftest import DATA
 from tests.server_utils import free_port, server_log, start_server, stop_server
 
 pytestmark = [
@@ -286,7 +285,7 @@ def test_series_that_vanished_from_the_pacs(
 
 
 def test_malformed_dicom_gives_clear_errors(
-    server: str, orthanc: Orthanc, pacs: dict[str, str], tmp_path: Path
+    server: str, orthanc: Orthanc, pacs: dict[str, str], data_dir: Path, tmp_path: Path
 ) -> None:
     # a file that is not DICOM: Orthanc refuses it, the upload names it
     junk = tmp_path / "notes.dcm"
@@ -295,7 +294,7 @@ def test_malformed_dicom_gives_clear_errors(
         orthanc.upload([junk])
 
     # a DICOM whose pixel data is cut short: stored by the PACS, but no image can be made of it
-    source = sorted((DATA / "dicom_ct_seg").glob("0*.dcm"))[0]
+    source = sorted((data_dir / "dicom_ct_seg").glob("0*.dcm"))[0]
     ds = pydicom.dcmread(source)
     ds.SeriesInstanceUID = pydicom.uid.generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()

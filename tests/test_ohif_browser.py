@@ -133,9 +133,11 @@ def test_ohif_click_mask_and_save_seg(server: str, pacs, tmp_path: Path) -> None
 
             # 1. open the series in the MONAI Label mode
             page.goto(f"{server}/ohif/monai-label?StudyInstanceUIDs={study}&SeriesInstanceUIDs={series}")
-            page.get_by_text("Confirm and Hide").click(timeout=60_000)
+            page.get_by_text("(2/3)").wait_for(timeout=120_000)  # the axial viewport shows the middle slice
             page.wait_for_load_state("networkidle", timeout=120_000)
-            page.get_by_text("(2/3)").wait_for(timeout=60_000)  # the axial viewport shows the middle slice
+            banner = page.get_by_text("Confirm and Hide")  # OHIF's first-visit notice
+            if banner.is_visible():
+                banner.click()
 
             # 2. connect the panel, choose Point Prompts (SAM-Med2D's model) and the label to annotate
             url_box = page.locator("#monailabelServerURL")
