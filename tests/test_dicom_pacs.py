@@ -214,6 +214,9 @@ def test_whole_path_click_save_seg_find_it_and_train_on_it(
     items = {Path(d["image"]).name.removesuffix(".nii.gz"): d for d in store.datalist()}
     assert set(items) == {ct, pacs["ct3"]}
     assert items[ct]["segments"] == {"1": "liver"}
+    first_seg = str(seg.SeriesInstanceUID)
+    assert store.get_label_by_image_id(ct, "final") == first_seg  # label id = the SEG (retraining's change stamp)
+    assert store.get_label_info(first_seg, "final")["segments"] == {"1": "liver"}
     samples = volume_label_samples(items[ct]["image"], items[ct]["label"], items[ct]["segments"])
     assert [s.slice_index for s in samples] == [10] and samples[0].names == ["liver"]
     assert np.array_equal(samples[0].masks[0], mask[:, :, 10].T)
@@ -238,6 +241,7 @@ def test_whole_path_click_save_seg_find_it_and_train_on_it(
     assert saved.status_code == 200, saved.text
     items = {Path(d["image"]).name.removesuffix(".nii.gz"): d for d in store.datalist()}
     assert items[ct]["segments"] == {"1": "kidney", "2": "spleen"}
+    assert store.get_label_by_image_id(ct, "final") not in ("", first_seg)
     samples = volume_label_samples(items[ct]["image"], items[ct]["label"], items[ct]["segments"])
     assert [s.slice_index for s in samples] == [5] and samples[0].names == ["kidney", "spleen"]
     assert np.array_equal(samples[0].masks[1], (relabel[:, :, 5] == 2).T)

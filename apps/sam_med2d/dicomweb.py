@@ -395,10 +395,32 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
             raise PacsError(422, f"the label's shape {array.shape} is not the series' voxel grid {size} (I, J, K)")
         return array
 
+    def get_label_by_image_id(self, image_id: str, tag: str) -> str:
+        """For ``final``: the SeriesInstanceUID of the series' newest SEG in the PACS (a new save is a new id)."""
+        if tag != DefaultLabelTag.FINAL:
+            return LocalDatastore.get_label_by_image_id(self, image_id, tag)
+        record = self.latest_segs().get(image_id)
+        return record["seg"] if record else ""
+
+    def _final_image(self, label_id: str, image_id: str = "") -> str:
+        """The image series a final label id stands for (a SEG UID, or the series UID as the local cache keys it),
+        with the local label map brought up to that SEG."""
+        image = image_id or self._seg_references.get(label_id) or label_id
+        record = self.latest_segs().get(image)
+        if record is not None:
+            self.get_image_uri(image)
+            self._sync_label(record)
+        return image
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag != DefaultLabelTag.FINAL:
             return LocalDatastore.get_label_uri(self, label_id, label_tag)
-        return LocalDatastore.get_label_uri(self, image_id or label_id, label_tag)
+        return LocalDatastore.get_label_uri(self, self._final_image(label_id, image_id), label_tag)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        if label_tag != DefaultLabelTag.FINAL:
+            return LocalDatastore.get_label_info(self, label_id, label_tag)
+        return LocalDatastore.get_label_info(self, self._final_image(label_id), label_tag)
 
     def _sync_label(self, record: dict[str, str]) -> None:
         """Make the local final label of ``record["image"]`` the label map of SEG ``record["seg"]``."""
