@@ -220,3 +220,8 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
     assert [h["status"] for h in info["history"]] == ["promoted", "not_promoted"]
     assert info["active_version"] == version and info["running"] is None and info["queued"] is None
     assert _click(url, probe, (400, 270))["model_version"] == version
+
+    # MONAI Label's built-in strategies are served beside sam_uncertainty
+    unlabeled = sorted(set(ids) - set(saved))
+    assert requests.post(f"{url}/activelearning/first", json={}, timeout=60).json()["id"] == unlabeled[0]
+    assert requests.post(f"{url}/activelearning/random", json={}, timeout=60).json()["id"] in unlabeled
