@@ -13,7 +13,7 @@ from monailabel.datastore.local import LocalDatastore
 from PIL import Image
 
 from lib.model_store import ModelStore
-from trainers.active_learning import SCORES_FILE, SamUncertaintyScoring, SamUncertaintyStrategy
+from trainers.active_learning import SCORES_FILE, SamUncertaintyScoring, SamUncertaintyStrategy, scores_missing
 
 
 @pytest.fixture()
@@ -98,3 +98,12 @@ def test_recently_served_image_comes_after_the_others(setup):
     first = strategy({"strategy": "sam_uncertainty"}, datastore)["id"]
     datastore.update_image_info(first, {"strategy": {"sam_uncertainty": {"ts": int(time.time())}}})
     assert strategy({"strategy": "sam_uncertainty"}, datastore)["id"] != first
+
+
+def test_untrained_weights_are_not_scored(setup, tmp_path, golden_config):
+    datastore, _, _ = setup
+    untrained = ModelStore(tmp_path / "untrained", golden_config)  # no checkpoint: seeded random weights serve
+    result = SamUncertaintyScoring(untrained, threads=1)({"method": "sam_uncertainty"}, datastore)
+    assert result["scored"] == 0 and result["skipped"] == "no trained weights"
+    assert not (untrained.model_dir / SCORES_FILE).exists()
+    assert scores_missing(untrained, datastore) == 0

@@ -74,6 +74,11 @@ class SamUncertaintyScoring(ScoringMethod):
         return {**super().info(), "config": dict(vars(self.config)), "progress": self.scores.load()["progress"]}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        if self.model_store.serving_path() is None:
+            logger.warning(
+                "Uncertainty scoring skipped: no trained weights serve (scores of random weights mean nothing)"
+            )
+            return {"model_version": self.model_store.active_version(), "scored": 0, "skipped": "no trained weights"}
         if self.device == "cpu" and self.threads > 0:
             torch.set_num_threads(self.threads)
         version = self.model_store.active_version()
@@ -245,6 +250,8 @@ def active_learning_scoring(
 def scores_missing(model_store: ModelStore, datastore: Datastore) -> int:
     """How many unlabeled images have no score from the serving model (content changes are the scoring task's to
     find; this check only reads the scores file)."""
+    if model_store.serving_path() is None:
+        return 0  # untrained weights: nothing worth scoring (SamUncertaintyScoring skips them too)
     key = model_store.version_key()
     scores = UncertaintyScores(model_store.model_dir / SCORES_FILE).load()["scores"]
     return sum(1 for i in datastore.get_unlabeled_images() if scores.get(i, {}).get("model_key") != key)
