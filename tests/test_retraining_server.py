@@ -95,9 +95,10 @@ def server(tmp_path, data_dir, golden_dir):
         "retrain_after_labels": LABELS_BEFORE_RETRAIN,
         "retrain_poll_seconds": 1,
         "retrain_params": json.dumps(TRAIN, separators=(",", ":")),  # the launcher splits on spaces
+        "uncertainty_refresh": "true",
     }
     # MONAI Label's own scoring after every /activelearning call would queue one scoring process per label on top of
-    # the training run (two CPUs here); the scheduler keeps the scores current by itself.
+    # the training run (two CPUs here); the scheduler keeps the scores current by itself (uncertainty_refresh).
     env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     url = start_server(APP, studies, conf, env=env)
     if "sam_med2d" not in _info(url).get("trainers", {}):

@@ -11,11 +11,12 @@ server. It follows every train task, including manual ``/train`` requests, and r
 ``failed``         the task exited with an error (the served model is untouched)
 ``stopped``        stopped through ``DELETE /train``
 
-It also keeps the uncertainty scores current: when unlabeled images lack a score from the serving model (new images,
-a new version after a promotion or a rollback) and neither training nor scoring runs, it starts the
-``sam_uncertainty`` scoring task (at most every ``SCORING_BACKOFF_SECONDS``), so the scores do not depend on MONAI
-Label's ``MONAI_LABEL_AUTO_UPDATE_SCORING``. Everything is logged (``Retraining: run N started (labels: 5 new final
-labels ...)`` / ``... ended: promoted; serving v0002-...``) and shown in ``/info`` under ``retraining``.
+It also keeps the uncertainty scores current (``--conf uncertainty_refresh``): when unlabeled images lack a score
+from the serving model (new images, a new version after a promotion or a rollback) and neither training nor scoring
+runs, it starts the ``sam_uncertainty`` scoring task (checked at most every ``SCORING_BACKOFF_SECONDS``).
+
+Everything is logged (``Retraining: run N started (labels: 5 new final labels ...)`` / ``... ended: promoted;
+serving v0002-...``) and shown in ``/info`` under ``retraining``.
 """
 
 from __future__ import annotations
@@ -262,7 +263,9 @@ class RetrainingScheduler:
 def scheduler_from_conf(app: Any, model: str) -> RetrainingScheduler:
     """The scheduler the app starts, from ``--conf``: ``retrain_after_labels``, ``retrain_interval_minutes``,
     ``retrain_cron``, ``retrain_min_labels``, ``retrain_schedule_without_new_labels``, ``retrain_poll_seconds`` and
-    ``retrain_params`` (JSON: request parameters of the runs it starts, e.g. ``{"max_epochs": 2}``)."""
+    ``retrain_params`` (JSON: request parameters of the runs it starts, e.g. ``{"max_epochs": 2}``); and
+    ``uncertainty_refresh`` (``auto``: keep the uncertainty scores current when ``MONAI_LABEL_AUTO_UPDATE_SCORING`` is
+    on, as it is by default; ``true`` / ``false``)."""
     policy = RetrainPolicy.from_conf(app.conf)
     raw = app.conf.get("retrain_params") or "{}"
     try:
@@ -271,4 +274,11 @@ def scheduler_from_conf(app: Any, model: str) -> RetrainingScheduler:
             raise ValueError("not a JSON object")
     except ValueError as err:
         raise ValueError(f"--conf retrain_params {raw!r} must be a JSON object of train parameters: {err}") from err
-    return RetrainingScheduler(app, policy, model, params, rescore=("sam_uncertainty",))
+    refresh = str(app.conf.get("uncertainty_refresh", "auto")).strip().lower()
+    if refresh == "auto":  # follow MONAI Label's switch for its own scoring after /activelearning and /train calls
+        keep_scores = bool(settings.MONAI_LABEL_AUTO_UPDATE_SCORING)
+    elif refresh in ("true", "1", "yes", "false", "0", "no"):
+        keep_scores = refresh in ("true", "1", "yes")
+    else:
+        raise ValueError(f"--conf uncertainty_refresh must be auto, true or false, got {refresh!r}")
+    return RetrainingScheduler(app, policy, model, params, rescore=("sam_uncertainty",) if keep_scores else ())
