@@ -155,4 +155,4 @@ def published_step(model: SamMed2D, optimizer, images, labels, boxes, iterations
             pred = (torch.sigmoid(masks.detach()) > 0.5).float()
             coords, point_labels = _select_random_points(pred, labels, random.choice([1, 3, 5, 9]))
             mask_inputs = torch.sigmoid(low_res.detach())
-    return float(loss)
+    return float(loss.detach())
