@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="model init and training seed of the curve (split fixed)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds per loop (small model)")
+    parser.add_argument("--models", default="small,vit_b", help="throughput models: small, vit_b or both")
     parser.add_argument("--train-images", type=int, default=0, help="use only N training images (quick check)")
     args = parser.parse_args(argv)
     if not HC18.is_dir():
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         train_pairs = train_pairs[: args.train_images]
     report: dict = {"threads": args.threads, "train_images": len(train_pairs), "held_out_images": len(test_pairs)}
     if not args.skip_throughput:
-        rows = [throughput("small", 6, args.rounds, args.threads), throughput("vit_b", 3, 1, args.threads)]
+        plan = {"small": (6, args.rounds), "vit_b": (3, 1)}
+        rows = [throughput(name, *plan[name], args.threads) for name in args.models.split(",")]
         report["throughput"] = rows
         load = os.getloadavg()[0]
         print(
