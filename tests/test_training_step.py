@@ -122,3 +122,7 @@ def test_loss_matches_the_published_formula_and_its_gradient() -> None:
     per_mask = FocalDiceIoULoss(reduction="mask")(logits, targets, iou)
     singles = torch.stack([FocalDiceIoULoss()(logits[i : i + 1], targets[i : i + 1], iou[i : i + 1]) for i in range(6)])
     torch.testing.assert_close(per_mask, singles.mean(), rtol=1e-5, atol=1e-6)
+    g_mask = torch.autograd.grad(per_mask, (logits, iou))
+    g_singles = torch.autograd.grad(singles.mean(), (logits, iou))
+    for a, b in zip(g_mask, g_singles):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
