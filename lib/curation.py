@@ -81,7 +81,8 @@ def read_array(path: str | Path) -> np.ndarray:
                 array = np.array(img)
     except (OSError, ValueError, EOFError) as err:
         raise CurationError(f"cannot read {path}: {err}") from err
-    array = np.squeeze(array)
+    # NIfTI arrays come in Fortran order; slicing them along the last axis would copy with a large stride each time.
+    array = np.ascontiguousarray(np.squeeze(array))
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3):

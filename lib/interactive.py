@@ -138,35 +138,6 @@ def prompt_independent_inputs(
     return {"image_pe": image_pe, "src_no_mask": features + no_mask_dense}
 
 
-def decode_from_src(
-    model: SamMed2D, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's mask decoder from an already summed ``src`` = image embedding + dense prompt embedding.
-
-    Same computation as :meth:`MaskDecoder.predict_masks` (which takes the two addends), for one prompt row.
-
-    Args:
-        src: ``(1, C, h, w)``; image_pe: ``(1, C, h, w)``; sparse: ``(1, N, C)``.
-
-    Returns:
-        all ``num_mask_tokens`` low-resolution masks ``(1, T, 4h, 4w)`` and predicted IoUs ``(1, T)``.
-    """
-    decoder = model.mask_decoder
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([output_tokens[None], sparse], dim=1)
-    b, c, h, w = src.shape
-    hs, src_out = decoder.transformer(src, image_pe, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src_out.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-    )
-    b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    return masks, decoder.iou_prediction_head(iou_token_out)
-
-
 class InteractiveSegmenter:
     """Serves clicks on images for many clients, with the served weights of a :class:`ModelStore`.
 
@@ -422,7 +393,7 @@ class InteractiveSegmenter:
                 # The published predictor passes logits; training and evaluation pass probabilities.
                 mask_prompt = previous if self.policy == "predictor" else torch.sigmoid(previous)
                 src = entry.features + model.prompt_encoder.mask_downscaling(mask_prompt)
-            masks, iou = decode_from_src(model, src, entry.extras["image_pe"], sparse)
+            masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse)
             if prompts.multimask_output:
                 candidates = iou[:, 1:]
                 best = int(candidates.argmax(dim=1)) + 1

@@ -28,19 +28,12 @@ import torch
 from .build import build_model
 from .checkpoint import load_model, save_state_dict
 from .config import SamMed2DConfig, resolve_config
+from .json_files import write_json_atomic
 from .modeling import SamMed2D
 
 PUBLISHED = "published.pt"
 PUBLISHED_META = "published.json"
 VERSIONS = "versions"
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 class ModelStore:
@@ -124,7 +117,7 @@ class ModelStore:
         folder = self.versions_dir / version
         save_state_dict(model_or_state, folder / "model.pt")
         meta = {"version": version, "metrics": dict(metrics), "published_at": stamp}
-        _write_json_atomic(folder / "metrics.json", meta)
+        write_json_atomic(folder / "metrics.json", meta)
         self._activate(folder, meta)
         return version
 
@@ -162,4 +155,4 @@ class ModelStore:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _write_json_atomic(self.model_dir / PUBLISHED_META, meta)
+        write_json_atomic(self.model_dir / PUBLISHED_META, meta)

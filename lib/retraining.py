@@ -25,14 +25,14 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from .json_files import json_safe, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -208,30 +208,6 @@ class Trigger:
 # ----------------------------------------------------------------------------------------------------------- state
 def _iso(seconds: float) -> str:
     return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinity (a diverged run's metrics) as ``None``: they are not JSON and ``/info`` must serve them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON (non-finite numbers as ``null``) so that a reader sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(payload), f, indent=2, sort_keys=True, allow_nan=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fresh_state(now: float) -> dict[str, Any]:

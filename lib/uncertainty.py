@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
+from .json_files import write_json_atomic
 from .metrics import iou_per_mask
 from .modeling import SamMed2D
 from .predictor import Predictor
 from .preprocessing import FrameGeometry, PolicyName, preprocess_image
 from .prompts import PromptRandom, jitter_boxes, largest_component_box, random_points
-from .retraining import write_json_atomic
 
 METHODS = ("disagreement", "iou", "combined")
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lib.image_source import ImageReadError, read_image, to_uint8
-from lib.interactive import InteractiveSegmenter, decode_from_src, prompt_independent_inputs
+from lib.interactive import InteractiveSegmenter, prompt_independent_inputs
 from lib.model_store import ModelStore
 from lib.prompt_inputs import InvalidRequestError, parse_prompts
 from lib.volume_io import read_nrrd, write_label, write_slice_label_nrrd
@@ -122,7 +122,7 @@ def test_cached_decoder_inputs_give_the_models_decode(golden_dir: Path) -> None:
             src = (
                 extras["src_no_mask"] if mask_input is None else features + model.prompt_encoder.mask_downscaling(mask)
             )
-            masks, iou = decode_from_src(model, src, extras["image_pe"], sparse)
+            masks, iou = model.mask_decoder.predict_masks_from_src(src, extras["image_pe"], sparse)
             expected, expected_iou = model.decode(features, *points, None, mask_input, multimask_output=False)
             torch.testing.assert_close(masks[:, :1], expected, rtol=0, atol=1e-5)
             torch.testing.assert_close(iou[:, :1], expected_iou, rtol=0, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.published_training_loop import published_loss
 from lib.build import build_model
 from lib.losses import FocalDiceIoULoss
 from lib.training import SimulatedAnnotator, make_optimizer, parameter_groups, recipe
@@ -92,30 +93,16 @@ def test_two_runs_with_one_seed_agree_and_the_loss_falls(golden_config: dict) ->
     assert outs_a[-1]["loss"] < outs_a[0]["loss"]
 
 
-def _published_loss(pred: torch.Tensor, mask: torch.Tensor, pred_iou: torch.Tensor) -> torch.Tensor:
-    """The published FocalDiceloss_IoULoss, written out from the spec (batch-wide Dice and IoU target)."""
-    p = torch.sigmoid(pred)
-    num_pos = mask.sum()
-    num_neg = mask.numel() - num_pos
-    loss_pos = -0.25 * mask * (1 - p) ** 2 * torch.log(p + 1e-12)
-    loss_neg = -0.75 * (1 - mask) * p**2 * torch.log(1 - p + 1e-12)
-    focal = (loss_pos.sum() + loss_neg.sum()) / (num_pos + num_neg + 1e-12)
-    inter = (p * mask).sum()
-    dice = 1 - (2 * inter + 1) / (p.sum() + mask.sum() + 1)
-    iou = (inter + 1e-7) / (p.sum() + mask.sum() - inter + 1e-7)
-    return 20 * focal + dice + torch.mean((iou - pred_iou) ** 2)
-
-
 def test_loss_matches_the_published_formula_and_its_gradient() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 1, 32, 32, generator=gen) * 3).double().requires_grad_()
     targets = (torch.rand(6, 1, 32, 32, generator=gen) > 0.6).double()
     iou = torch.rand(6, 1, generator=gen).double().requires_grad_()
     ours = FocalDiceIoULoss()(logits, targets, iou)
-    ref = _published_loss(logits, targets, iou)
+    ref = published_loss(logits, targets, iou)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=1e-6)
     g_ours = torch.autograd.grad(ours, (logits, iou))
-    g_ref = torch.autograd.grad(_published_loss(logits, targets, iou), (logits, iou))
+    g_ref = torch.autograd.grad(published_loss(logits, targets, iou), (logits, iou))
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-8)
     # Per-mask reduction: the mean of single-mask losses.

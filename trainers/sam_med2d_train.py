@@ -24,9 +24,7 @@ Run folders live in ``<model_dir>/train/<name>`` (``best.pt`` there is a plain s
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib.checkpoint import load_model, read_state_dict, save_state_dict
 from lib.curation import CurationError, iter_curated, split_cases, stem, write_slices
 from lib.evaluation import EvalSample, evaluate_model
+from lib.json_files import write_json_atomic
 from lib.losses import FocalDiceIoULoss
 from lib.model_store import ModelStore
 from lib.training import (
@@ -70,25 +69,6 @@ _TRUE = ("1", "true", "yes", "on")
 
 def _first(value: Any) -> Any:
     return value[0] if isinstance(value, list | tuple) and value else value
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinity (a diverged run's loss) as ``null``: they are not JSON, and ``/info`` serves these stats."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_finite(payload), f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class SamMed2DTrain(BasicTrainTask):
@@ -338,7 +318,7 @@ class ValidateAndPublish:
 
     def _write_stats(self) -> None:
         if self.rank == 0:
-            _write_json_atomic(Path(self.task._stats_path), self.stats)
+            write_json_atomic(self.task._stats_path, self.stats)
 
     def started(self, engine: SupervisedTrainer) -> None:
         ctx = self.context

@@ -15,8 +15,8 @@ Conf keys (all optional):
 ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 256; about 330 image views of ViT-B)
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
-``encode_threads`` intra-op threads of the image encoder (default half the cores, at least 1: the rest stays free
-                  for HTTP and for a training run; 0: torch's default)
+``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
+                  shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
                   ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
                   next-sample strategy: see ``docs/active_learning.md``
@@ -115,7 +115,7 @@ class SamMed2DApp(MONAILabelApp):
             policy=policy,  # type: ignore[arg-type]
             cache_bytes=int(float(self.conf.get("cache_mb", 256)) * 2**20),
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
-            encode_threads=int(self.conf.get("encode_threads", max(1, (os.cpu_count() or 2) // 2))) or None,
+            encode_threads=int(self.conf.get("encode_threads", 0)) or None,
         )
         self.weights_warning: str | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)

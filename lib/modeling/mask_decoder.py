@@ -95,10 +95,23 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` outputs: masks ``(B, T, 4h, 4w)``, IoU ``(B, T)``."""
+        return self.predict_masks_from_src(
+            image_embeddings + dense_prompt_embeddings, image_pe, sparse_prompt_embeddings
+        )
+
+    def predict_masks_from_src(
+        self, src: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode from ``src`` = image embedding + dense prompt embedding, ``(B, C, h, w)``.
+
+        A server that caches ``src`` for the no-mask case (it does not depend on the prompt) skips that sum per click.
+        Returns all ``num_mask_tokens`` outputs: masks ``(B, T, 4h, 4w)``, IoU ``(B, T)``.
+        """
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
-        src = image_embeddings + dense_prompt_embeddings
+        if src.shape[0] != batch:
+            src = src.expand(batch, -1, -1, -1)
         pos_src = image_pe.expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
         hs, src = self.transformer(src, pos_src, tokens)
