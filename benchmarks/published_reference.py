@@ -84,18 +84,10 @@ def _decoder_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, 
     return attn.out_proj(out.transpose(1, 2).reshape(b, n_tokens, n_heads * c))
 
 
-def decode(
-    model: SamMed2D,
-    image_embeddings: torch.Tensor,
-    point_coords: torch.Tensor | None,
-    point_labels: torch.Tensor | None,
-    boxes: torch.Tensor | None,
-    mask_inputs: torch.Tensor | None,
-    multimask_output: bool,
+def decode_all_masks(
+    model: SamMed2D, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Published prompt encoder + decoder + best-mask selection (one prompt row, as the published predictor)."""
-    points = (point_coords, point_labels) if point_coords is not None else None
-    sparse, dense = model.prompt_encoder(points, boxes, mask_inputs)
+    """Published mask decoder: every output token's low-res mask ``(B, T, 4h, 4w)`` and IoU ``(B, T)``."""
     decoder = model.mask_decoder
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
@@ -126,7 +118,22 @@ def decode(
     hyper_in = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     b, c, h, w = upscaled.shape
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    iou = decoder.iou_prediction_head(hs[:, 0, :])
+    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
+def decode(
+    model: SamMed2D,
+    image_embeddings: torch.Tensor,
+    point_coords: torch.Tensor | None,
+    point_labels: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    mask_inputs: torch.Tensor | None,
+    multimask_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Published prompt encoder + decoder + best-mask selection (one prompt row, as the published predictor)."""
+    points = (point_coords, point_labels) if point_coords is not None else None
+    sparse, dense = model.prompt_encoder(points, boxes, mask_inputs)
+    masks, iou = decode_all_masks(model, image_embeddings, sparse, dense)
     sl = slice(1, None) if multimask_output else slice(0, 1)
     masks, iou = masks[:, sl], iou[:, sl]
     if multimask_output:

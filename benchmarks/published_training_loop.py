@@ -38,35 +38,8 @@ def _decode(model: SamMed2D, embeddings, coords, labels, boxes, masks, grad_prom
     points = (coords, labels) if coords is not None else None
     with torch.set_grad_enabled(grad_prompt and torch.is_grad_enabled()):
         sparse, dense = model.prompt_encoder(points, boxes, masks)
-    decoder = model.mask_decoder
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
-    src = embeddings + dense
-    pos_src = torch.repeat_interleave(model.prompt_encoder.get_dense_pe(), tokens.shape[0], dim=0)
-    b, c, h, w = src.shape
-    transformer = decoder.transformer
-    keys, key_pe, queries = src.flatten(2).permute(0, 2, 1), pos_src.flatten(2).permute(0, 2, 1), tokens
-    attention = published_reference._decoder_attention
-    for layer in transformer.layers:
-        if layer.skip_first_layer_pe:
-            queries = attention(layer.self_attn, queries, queries, queries)
-        else:
-            q = queries + tokens
-            queries = queries + attention(layer.self_attn, q, q, queries)
-        queries = layer.norm1(queries)
-        queries = layer.norm2(
-            queries + attention(layer.cross_attn_token_to_image, queries + tokens, keys + key_pe, keys)
-        )
-        queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(keys + attention(layer.cross_attn_image_to_token, keys + key_pe, queries + tokens, queries))
-    hs = transformer.norm_final_attn(
-        queries + attention(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
-    )
-    upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(b, c, h, w))
-    hyper_in = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
-    b, c, h, w = upscaled.shape
-    low_res = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)[:, 1:]
-    iou = decoder.iou_prediction_head(hs[:, 0, :])[:, 1:]
+    low_res, iou = published_reference.decode_all_masks(model, embeddings, sparse, dense)
+    low_res, iou = low_res[:, 1:], iou[:, 1:]
     values, indexes = torch.max(iou, dim=1)
     low_res = torch.stack([low_res[i : i + 1, idx] for i, idx in enumerate(indexes)], 0)
     masks = F.interpolate(low_res, (256, 256), mode="bilinear", align_corners=False)
