@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .image_source import to_uint8 as map_to_uint8
+
 MIN_MASK_FRACTION = 100 / (256 * 256)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -91,14 +93,11 @@ def read_array(path: str | Path) -> np.ndarray:
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
-    """Intensities to 0..255: 8-bit data as is, anything else min-max scaled over the whole array."""
+    """Intensities to 0..255: 8-bit data as is, anything else min-max over the whole array (per volume, as the paper),
+    with the same mapping the server applies to the images it segments."""
     if array.dtype == np.uint8:
         return array
-    values = array.astype(np.float64)
-    low, high = float(np.min(values)), float(np.max(values))
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.round((values - low) / (high - low) * 255).astype(np.uint8)
+    return map_to_uint8(array, float(np.min(array)), float(np.max(array)))
 
 
 def component_masks(label: np.ndarray, min_fraction: float = MIN_MASK_FRACTION) -> tuple[list[np.ndarray], list[int]]:

@@ -115,9 +115,9 @@ class ImageSource:
 
 
 def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map ``[low, high]`` linearly to 0..255 (clipped, floored as ``astype`` does)."""
+    """Map ``[low, high]`` linearly to 0..255 (rounded, clipped): the one mapping for serving and for training data."""
     scale = 255.0 / (high - low) if high > low else 0.0
-    mapped = (values.astype(np.float32) - np.float32(low)) * np.float32(scale)
+    mapped = np.rint((values.astype(np.float64) - low) * scale)
     return np.clip(mapped, 0.0, 255.0).astype(np.uint8)
 
 
