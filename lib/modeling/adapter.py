@@ -44,27 +44,49 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         gate = self.channel(x.mean(dim=(1, 2)))
-        # oneDNN runs the strided convolution about 3x faster on a contiguous NCHW tensor than on a permuted view.
-        gated = (x * gate[:, None, None, :]).permute(0, 3, 1, 2).contiguous()
-        down = F.relu(self.spatial[0](gated))
-        up = F.relu(conv_transpose_by_matmul(down, self.spatial[2]))
-        return self.norm(x + up.permute(0, 2, 3, 1))
+        gated = (x * gate[:, None, None, :]).permute(0, 3, 1, 2)
+        down, down_hw = conv2d_by_matmul(gated, self.spatial[0])
+        up = conv_transpose_by_matmul(F.relu(down), down_hw, self.spatial[2])
+        return self.norm(x + F.relu(up).permute(0, 2, 3, 1))
 
 
-def conv_transpose_by_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> torch.Tensor:
-    """``layer(x)`` computed as one matrix product and a ``fold`` (col2im); same result, about 3x faster on CPU.
+def conv2d_by_matmul(x: torch.Tensor, layer: nn.Conv2d) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``layer(x)`` as ``unfold`` (im2col) and one matrix product, returned as tokens.
 
-    ``x``: ``(B, Cin, h, w)`` -> ``(B, Cout, H, W)`` with ``H = (h - 1) * stride - 2 * padding + kernel``.
+    Same result as the convolution; on CPU about 20% faster than oneDNN for the adapter's strided 3x3 convolution,
+    and the output comes channels-last, as the next matrix product wants it.
+
+    ``x``: ``(B, Cin, H, W)`` -> ``(B, Ho * Wo, Cout)`` and ``(Ho, Wo)``.
     """
-    batch, in_channels, height, width = x.shape
-    kernel = layer.kernel_size
+    height, width = x.shape[-2:]
+    kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    out_hw = tuple(
+        (size + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i, size in enumerate((height, width))
+    )
+    columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, Cin * kh * kw, L)
+    out = columns.transpose(1, 2) @ layer.weight.reshape(layer.out_channels, -1).t()
+    if layer.bias is not None:
+        out = out + layer.bias
+    return out, out_hw  # type: ignore[return-value]
+
+
+def conv_transpose_by_matmul(tokens: torch.Tensor, in_hw: tuple[int, int], layer: nn.ConvTranspose2d) -> torch.Tensor:
+    """``layer`` applied to a token grid, as one matrix product and a ``fold`` (col2im).
+
+    Same result as the transposed convolution; on CPU about 3x faster for the adapter's 4x4 stride-2 one.
+
+    ``tokens``: ``(B, h * w, Cin)`` of an ``(h, w)`` grid -> ``(B, Cout, H, W)`` with
+    ``H = (h - 1) * stride - 2 * padding + kernel``.
+    """
+    (height, width), kernel = in_hw, layer.kernel_size
     stride, padding = layer.stride, layer.padding
     out_hw = (
         (height - 1) * stride[0] - 2 * padding[0] + kernel[0],
         (width - 1) * stride[1] - 2 * padding[1] + kernel[1],
     )
-    # weight (Cin, Cout, kh, kw) -> columns (B, Cout * kh * kw, h * w)
-    columns = layer.weight.reshape(in_channels, -1).t() @ x.reshape(batch, in_channels, height * width)
+    # weight (Cin, Cout, kh, kw): every input token spreads over a kh x kw patch of every output channel.
+    columns = (tokens @ layer.weight.reshape(layer.in_channels, -1)).transpose(1, 2)  # (B, Cout * kh * kw, h * w)
     out = F.fold(columns, out_hw, kernel_size=kernel, stride=stride, padding=padding)
     if layer.bias is not None:
         out = out + layer.bias[:, None, None]
