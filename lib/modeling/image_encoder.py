@@ -82,34 +82,47 @@ class Attention(nn.Module):
         batch, height, width, dim = x.shape
         qkv = self.qkv(x)
         if window_size > 0:
-            pad_h = (window_size - height % window_size) % window_size
-            pad_w = (window_size - width % window_size) % window_size
-            if pad_h or pad_w:
-                padded = self.qkv.bias.to(qkv.dtype).expand(batch, height + pad_h, width + pad_w, 3 * dim).clone()
-                padded[:, :height, :width] = qkv
-                qkv = padded
-            windows = window_partition(qkv, window_size)
-            out = window_unpartition(self.attend(windows), window_size, (height + pad_h, width + pad_w))
-            out = out[:, :height, :width]
+            windows = window_partition(qkv, window_size, pad=self.qkv.bias)
+            attended = self.attend(windows.flatten(0, 2)).view(*windows.shape[:-1], -1)
+            out = window_unpartition(attended, (height, width))
         else:
             out = self.attend(qkv)
         return self.proj(out)
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """``(B, H, W, C)`` with H, W multiples of ``window_size`` -> ``(B * nH * nW, ws, ws, C)``."""
+def _window_slices(size: int, window_size: int) -> list[tuple[int, slice]]:
+    """For each window along an axis: its index and the slice of real positions it holds."""
+    return [(i, slice(start, min(start + window_size, size))) for i, start in enumerate(range(0, size, window_size))]
+
+
+def window_partition(x: torch.Tensor, window_size: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, H, W, C)`` -> windows ``(B, nH, nW, ws, ws, C)``, the grid padded to a multiple of ``window_size``.
+
+    Padded positions hold ``pad`` (``(C,)``; zeros when ``None``). The windows are filled straight from the grid:
+    one copy of the real tokens, no padded intermediate.
+    """
     batch, height, width, channels = x.shape
-    x = x.view(batch, height // window_size, window_size, width // window_size, window_size, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, channels)
+    rows, cols = _window_slices(height, window_size), _window_slices(width, window_size)
+    if pad is None:
+        windows = x.new_zeros(batch, len(rows), len(cols), window_size, window_size, channels)
+    else:
+        shape = (batch, len(rows), len(cols), window_size, window_size, channels)
+        windows = pad.to(x.dtype).expand(shape).clone()
+    for i, row in rows:
+        for j, col in cols:
+            windows[:, i, j, : row.stop - row.start, : col.stop - col.start] = x[:, row, col]
+    return windows
 
 
-def window_unpartition(windows: torch.Tensor, window_size: int, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B * nH * nW, ws, ws, C)`` -> ``(B, H, W, C)``."""
+def window_unpartition(windows: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B, nH, nW, ws, ws, C)`` -> ``(B, H, W, C)``, padding dropped."""
+    batch, _, _, window_size, _, channels = windows.shape
     height, width = grid_hw
-    num_h, num_w = height // window_size, width // window_size
-    batch = windows.shape[0] // (num_h * num_w)
-    x = windows.view(batch, num_h, num_w, window_size, window_size, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, -1)
+    out = windows.new_empty(batch, height, width, channels)
+    for i, row in _window_slices(height, window_size):
+        for j, col in _window_slices(width, window_size):
+            out[:, row, col] = windows[:, i, j, : row.stop - row.start, : col.stop - col.start]
+    return out
 
 
 class Block(nn.Module):
