@@ -23,10 +23,12 @@ import SimpleITK
 
 from apps.sam_med2d.dicomweb import init_dicomweb_datastore
 from lib.dicom_seg import read_seg, read_series, volume_label_samples
+from lib.model_store import ModelStore
 from lib.training import prepare_image
 from scripts.dicom_demo import hc18_pixel_size, picture_to_us_frame, volume_to_mr_series
 from scripts.orthanc import Orthanc, OrthancError, missing_requirements
 from tests.server_utils import free_port, server_log, start_server, stop_server
+from trainers.active_learning import SamUncertaintyScoring
 
 pytestmark = [
     pytest.mark.server,
@@ -151,6 +153,16 @@ def test_lists_ct_mr_and_us_series_not_segs(orthanc: Orthanc, pacs: dict[str, st
         orthanc.dicomweb_url, {"dicomweb_cache_path": str(tmp_path / "ct"), "dicomweb_modalities": "CT"}
     )
     assert set(ct_only.list_images()) == {pacs["ct20"], pacs["ct3"]}
+
+
+def test_uncertainty_scoring_does_not_download_the_pacs(
+    orthanc: Orthanc, pacs: dict[str, str], golden_dir: Path, tmp_path: Path
+) -> None:
+    store = ModelStore(tmp_path / "model", golden_dir / "meta.json", golden_dir / "weights.pth")
+    cache = tmp_path / "cache"
+    result = SamUncertaintyScoring(store)({}, fresh_datastore(orthanc, cache))
+    assert result["skipped"] == "DICOMweb datastore" and result["scored"] == 0
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".dcm", ".gz", ".nii")]
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -52,6 +53,8 @@ class SamUncertaintyScoring(ScoringMethod):
         device: where the model runs.
         policy: preprocessing policy (the one inference uses).
         threads: torch CPU threads of the scoring process (few, so inference keeps its cores).
+        score_remote: also score a DICOMweb (PACS) datastore; off by default because scoring reads every unlabeled
+            series, which on a PACS means downloading all of them.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class SamUncertaintyScoring(ScoringMethod):
         device: str = "cpu",
         policy: PolicyName = "evaluation",
         threads: int = 1,
+        score_remote: bool = False,
     ) -> None:
         super().__init__("SAM-Med2D uncertainty of unlabeled images (disagreement of perturbed prompts, predicted IoU)")
         self.model_store = model_store
@@ -68,6 +72,7 @@ class SamUncertaintyScoring(ScoringMethod):
         self.device = device
         self.policy = policy
         self.threads = threads
+        self.score_remote = score_remote
         self.scores = UncertaintyScores(model_store.model_dir / SCORES_FILE)
 
     def info(self) -> dict[str, Any]:
@@ -79,6 +84,12 @@ class SamUncertaintyScoring(ScoringMethod):
                 "Uncertainty scoring skipped: no trained weights serve (scores of random weights mean nothing)"
             )
             return {"model_version": self.model_store.active_version(), "scored": 0, "skipped": "no trained weights"}
+        if isinstance(datastore, DICOMWebDatastore) and not self.score_remote:
+            logger.warning(
+                "Uncertainty scoring skipped on a DICOMweb datastore: it would download every unlabeled series "
+                "(--conf uncertainty_on_pacs true to score anyway)"
+            )
+            return {"model_version": self.model_store.active_version(), "scored": 0, "skipped": "DICOMweb datastore"}
         if self.device == "cpu" and self.threads > 0:
             torch.set_num_threads(self.threads)
         version = self.model_store.active_version()
@@ -244,7 +255,11 @@ def active_learning_scoring(
     """The app's ``/scoring`` methods: ``sam_uncertainty``."""
     threads = int(conf.get("uncertainty_threads", 1))
     config = uncertainty_config_from_conf(conf)
-    return {NAME: SamUncertaintyScoring(model_store, config, device=device, policy=policy, threads=threads)}
+    score_remote = bool(strtobool(str(conf.get("uncertainty_on_pacs", "false"))))
+    scoring = SamUncertaintyScoring(
+        model_store, config, device=device, policy=policy, threads=threads, score_remote=score_remote
+    )
+    return {NAME: scoring}
 
 
 def scores_missing(model_store: ModelStore, datastore: Datastore) -> int:
