@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,8 +40,9 @@ from lib.evaluation import EvalSample, evaluate_model  # noqa: E402
 from lib.training import SamMed2DDataset, fit, read_image, read_mask, recipe  # noqa: E402
 from lib.uncertainty import UncertaintyConfig, UncertaintyScorer  # noqa: E402
 
-HC18 = ROOT.parent / "shared" / "data" / "hc18"
-GOLDEN = ROOT.parent / "shared" / "spec" / "golden_tiny"
+SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))
+HC18 = SHARED / "data" / "hc18"
+GOLDEN = SHARED / "spec" / "golden_tiny"
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -47,6 +47,7 @@ def _decode(model: SamMed2D, embeddings, coords, labels, boxes, masks, grad_prom
 
 
 def _select_random_points(pred: torch.Tensor, gt: torch.Tensor, point_num: int):
+    device = gt.device
     pred, gt = pred.data.cpu().numpy(), gt.data.cpu().numpy()
     error = np.zeros_like(pred)
     error[pred != gt] = 1
@@ -64,7 +65,8 @@ def _select_random_points(pred: torch.Tensor, gt: torch.Tensor, point_num: int):
             labels.append(label)
         batch_points.append(points)
         batch_labels.append(labels)
-    return torch.as_tensor(np.array(batch_points), dtype=torch.float), torch.as_tensor(np.array(batch_labels))
+    points = torch.as_tensor(np.array(batch_points), dtype=torch.float, device=device)
+    return points, torch.as_tensor(np.array(batch_labels), device=device)
 
 
 def load_batch(pairs, indexes, config, masks_per_image: int = 5):
@@ -97,12 +99,12 @@ def published_step(model: SamMed2D, optimizer, images, labels, boxes, iterations
     embeddings = torch.cat([embeddings[i].repeat(k, 1, 1, 1) for i in range(b)], dim=0)
     coords = point_labels = None
     if use_box:
-        box_rows = boxes + torch.randint(-5, 5, (b * k, 1)).float().repeat(1, 4)
+        box_rows = boxes + torch.randint(-5, 5, (b * k, 1)).float().repeat(1, 4).to(boxes.device)
     else:
         box_rows = None
         coords = torch.stack([torch.nonzero(m[0])[random.randrange(int(m.sum()))].flip(0) for m in labels])[:, None]
         coords = coords.float()
-        point_labels = torch.ones(b * k, 1, dtype=torch.int)
+        point_labels = torch.ones(b * k, 1, dtype=torch.int, device=labels.device)
     masks, low_res, iou = _decode(model, embeddings, coords, point_labels, box_rows, None, True)
     loss = published_loss(masks, labels, iou)
     loss.backward()

@@ -357,7 +357,7 @@ class InteractiveSegmenter:
         t = time.perf_counter()
         geometry: FrameGeometry = entry.geometry
         with torch.inference_mode(), torch_threads(self.decode_threads):
-            mask = (geometry.masks_to_original(low_res)[0, 0] > 0).numpy()
+            mask = (geometry.masks_to_original(low_res)[0, 0] > 0).cpu().numpy()
         times["upsample"] = time.perf_counter() - t
         return Segmentation(
             mask=mask,

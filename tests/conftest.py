@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))  # overridable: a GPU box, a CI cache
 SPEC = SHARED / "spec"
 GOLDEN = SPEC / "golden_tiny"
 DATA = SHARED / "data"
