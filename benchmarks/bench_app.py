@@ -12,7 +12,9 @@ click, the label file and JSON in a multipart answer):
   correction with, the previous mask as prompt;
 - the same on a slice of the 3D volume (Slicer's parameters: voxel clicks, ``.nrrd`` uint8 result holding the whole
   volume), and a cold click on another slice of the loaded volume;
-- the server's resident memory (RSS, and USS: memory only it uses) with ViT-B loaded, after the clicks.
+- the server's resident memory (RSS, and USS: memory only it uses) with ViT-B loaded, after the clicks, next to its
+  floor: the RSS of a Python process that only imports MONAI Label's server (``monailabel.app``: torch, MONAI, ITK,
+  FastAPI ...), plus the bytes of the served weights. No app that serves these weights with this server can go below it.
 
 Measuring starts once the server's start-up jobs are over (MONAI Label scores the datastore in a subprocess when it
 starts; clicks made meanwhile share the cores with it). The server's own breakdown of a warm click (from the result
@@ -41,6 +43,27 @@ if str(ROOT) not in sys.path:
 from tests.server_utils import server_pid, start_server, stop_server  # noqa: E402
 
 TARGETS = {"cold_2d": 1.0, "warm_2d_p50": 0.025, "rss_gb": 1.6}
+
+
+def server_import_floor_gb() -> float:
+    """RSS (GB) of a fresh Python process after importing MONAI Label's server application and nothing of ours."""
+    import subprocess
+
+    code = "import monailabel.app, psutil, sys; sys.stdout.write('RSS=%d' % psutil.Process().memory_info().rss)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    return int(out.rsplit("RSS=", 1)[1]) / 1e9
+
+
+def weights_gb(conf: dict) -> float:
+    """Bytes (GB) of the served model's parameters and buffers, fp32, from its config."""
+    import torch
+
+    from lib.build import build_model
+
+    with torch.device("meta"):  # shapes only, no memory
+        model = build_model(conf.get("model", "vit_b"))
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * 4 for t in tensors) / 1e9
 
 
 def make_datastore(folder: Path) -> None:
@@ -209,6 +232,10 @@ def main() -> None:
         rows["rss_gb"], rows["uss_gb"] = memory.rss / 1e9, memory.uss / 1e9
     finally:
         stop_server(url)
+    rows["floor_imports_gb"] = server_import_floor_gb()
+    rows["weights_gb"] = weights_gb(conf)
+    rows["floor_gb"] = rows["floor_imports_gb"] + rows["weights_gb"]
+    rows["above_floor_gb"] = rows["rss_gb"] - rows["floor_gb"]
     load_after = os.getloadavg()
 
     print(f"\nSAM-Med2D app through REST, ViT-B fp32, CPU ({os.cpu_count()} cores), {args.clicks} clicks per series")
@@ -230,6 +257,10 @@ def main() -> None:
         "rss_after_start_gb": ("server RSS after start (GB)", 1),
         "rss_gb": ("server RSS with ViT-B, after clicks (GB)", 1),
         "uss_gb": ("server USS (own memory) after clicks (GB)", 1),
+        "floor_imports_gb": ("floor: RSS of `import monailabel.app` (GB)", 1),
+        "weights_gb": ("floor: + served weights, fp32 (GB)", 1),
+        "floor_gb": ("floor: MONAI Label server + weights (GB)", 1),
+        "above_floor_gb": ("server RSS above that floor (GB)", 1),
     }
     for key, (label, scale) in labels.items():
         target = TARGETS.get(key)
