@@ -38,7 +38,7 @@ class PositionEmbeddingRandom(nn.Module):
         coords = coords_input.clone()
         coords[:, :, 0] = coords[:, :, 0] / image_size[1]
         coords[:, :, 1] = coords[:, :, 1] / image_size[0]
-        return self._pe_encoding(coords.to(torch.float))
+        return self._pe_encoding(coords.to(self.positional_encoding_gaussian_matrix.dtype))
 
 
 class PromptEncoder(nn.Module):
