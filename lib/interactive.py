@@ -89,12 +89,27 @@ def torch_threads(count: int | None) -> Iterator[None]:
 
 
 class _LRU:
-    """A small thread-safe LRU mapping bounded by entry count."""
+    """A small thread-safe LRU mapping bounded by entry count and, with ``size_of``, by total size.
 
-    def __init__(self, max_entries: int) -> None:
+    The most recent entry is always kept, whatever its size: it is the one being worked on.
+    """
+
+    def __init__(self, max_entries: int, max_size: int = 0, size_of: Callable[[Any], int] | None = None) -> None:
         self.max_entries = max_entries
+        self.max_size = max_size
+        self.size_of = size_of
         self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    def _over(self) -> bool:
+        if len(self._items) > self.max_entries:
+            return True
+        if self.size_of is None or self.max_size <= 0 or len(self._items) < 2:
+            return False
+        return self.size() > self.max_size
+
+    def size(self) -> int:
+        return sum(self.size_of(v) for v in self._items.values()) if self.size_of is not None else 0
 
     def get(self, key: Any) -> Any:
         with self._lock:
@@ -107,7 +122,7 @@ class _LRU:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
+            while self._over():
                 self._items.popitem(last=False)
 
     def pop(self, key: Any) -> None:
@@ -148,6 +163,8 @@ class InteractiveSegmenter:
         policy: preprocessing policy (``evaluation`` as the weights were trained, or ``predictor``).
         cache_bytes: bound of the embedding cache.
         max_sources: loaded images kept in memory (volumes are the large ones).
+        max_source_bytes: bound of the loaded images' pixels (the image being clicked is kept even when larger):
+            a 512x512x600 CT is 315 MB, so a count alone does not bound memory.
         max_states: remembered previous masks (client, image, view, label).
         decode_threads: intra-op threads for the per-click decoder (``None``: torch's setting). The decoder's
             operations are small: one thread avoids the synchronisation that makes several threads slow, very slow
@@ -163,6 +180,7 @@ class InteractiveSegmenter:
         policy: PolicyName = "evaluation",
         cache_bytes: int = 256 * 2**20,
         max_sources: int = 4,
+        max_source_bytes: int = 1024 * 2**20,
         max_states: int = 512,
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
@@ -173,7 +191,7 @@ class InteractiveSegmenter:
         self.device = torch.device(device)
         self.policy = policy
         self.cache = EmbeddingCache(cache_bytes)
-        self._sources = _LRU(max_sources)
+        self._sources = _LRU(max_sources, max_source_bytes, lambda source: source.nbytes)
         self._states = _LRU(max_states)
         self._model: SamMed2D | None = None
         self._image_pe: torch.Tensor | None = None
@@ -414,6 +432,7 @@ class InteractiveSegmenter:
         return {
             "embedding_cache": self.cache.stats(),
             "images_in_memory": len(self._sources),
+            "image_bytes_in_memory": self._sources.size(),
             "interaction_states": len(self._states),
             "policy": self.policy,
             "device": str(self.device),

@@ -147,6 +147,29 @@ def test_embedding_key_separates_views_windows_and_weights(golden_dir: Path, tmp
     assert len(keys) == 4
 
 
+def test_loaded_images_are_bounded_by_bytes(golden_dir: Path, tmp_path: Path) -> None:
+    """Volumes past the byte budget are dropped, oldest first; the image being clicked stays even when larger, and a
+    dropped image is read again on its next click."""
+    import nibabel as nib
+
+    for name in ("a", "b", "c"):
+        nib.save(nib.Nifti1Image(np.zeros((64, 64, 32), dtype=np.int16), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    one = 64 * 64 * 32 * 2
+    store = ModelStore(tmp_path / "m", golden_dir / "meta.json")
+    segmenter = InteractiveSegmenter(store, policy="evaluation", max_sources=8, max_source_bytes=2 * one)
+    for name in ("a", "b"):
+        segmenter.source(str(tmp_path / f"{name}.nii.gz"))
+    assert segmenter.stats()["images_in_memory"] == 2
+    segmenter.source(str(tmp_path / "c.nii.gz"))
+    assert segmenter.stats()["images_in_memory"] == 2
+    assert segmenter.stats()["image_bytes_in_memory"] == 2 * one
+    assert segmenter.source(str(tmp_path / "b.nii.gz"))[1] is True  # still in memory
+    assert segmenter.source(str(tmp_path / "a.nii.gz"))[1] is False  # dropped, read again
+    tiny = InteractiveSegmenter(store, policy="evaluation", max_source_bytes=one // 2)
+    source, _ = tiny.source(str(tmp_path / "a.nii.gz"))
+    assert tiny.source(str(tmp_path / "a.nii.gz"))[1] is True and source.nbytes == one
+
+
 def test_download_checks_the_file_before_keeping_it(golden_dir: Path, tmp_path: Path) -> None:
     """The weights download (served here by a local HTTP server) keeps a file only if it loads as the network."""
     import functools

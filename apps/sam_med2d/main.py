@@ -14,6 +14,8 @@ Conf keys (all optional):
 ``download``      ``true`` (default) / ``false``; ``download_url`` overrides where from
 ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 256; about 330 image views of ViT-B)
+``image_memory_mb`` loaded images kept in memory for further clicks, at most this many MB of pixels (default 1024;
+                  the image being clicked is always kept)
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
@@ -114,6 +116,7 @@ class SamMed2DApp(MONAILabelApp):
             device=device,
             policy=policy,  # type: ignore[arg-type]
             cache_bytes=int(float(self.conf.get("cache_mb", 256)) * 2**20),
+            max_source_bytes=int(float(self.conf.get("image_memory_mb", 1024)) * 2**20),
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
             encode_threads=int(self.conf.get("encode_threads", 0)) or None,
         )
