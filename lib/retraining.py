@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .conf_values import dataclass_from_conf
 from .json_files import json_safe, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -130,15 +131,6 @@ class CronSchedule:
 
 
 # ---------------------------------------------------------------------------------------------------------- policy
-def _conf_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"{value!r} is not a boolean (true/false)")
-    return text in ("true", "1", "yes")
-
-
 @dataclasses.dataclass(frozen=True)
 class RetrainPolicy:
     """The retraining triggers, from the server's ``--conf`` (keys ``retrain_<field>``).
@@ -174,27 +166,7 @@ class RetrainPolicy:
         """Read ``retrain_after_labels``, ``retrain_interval_minutes``, ``retrain_cron``, ``retrain_min_labels``,
         ``retrain_schedule_without_new_labels`` and ``retrain_poll_seconds``; a bad value raises a ValueError naming
         the key."""
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            key = prefix + field.name
-            if key not in conf or conf[key] in (None, ""):
-                continue
-            raw = conf[key]
-            try:
-                if field.type in ("bool", bool):
-                    values[field.name] = _conf_bool(raw)
-                elif field.type in ("int", int):
-                    values[field.name] = int(raw)
-                elif field.type in ("float", float):
-                    values[field.name] = float(raw)
-                else:
-                    values[field.name] = str(raw).strip()
-            except ValueError as err:
-                raise ValueError(f"--conf {key} {raw!r}: {err}") from err
-        try:
-            return cls(**values)
-        except ValueError as err:
-            raise ValueError(f"--conf {prefix}*: {err}") from err
+        return dataclass_from_conf(cls, conf, prefix)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import strtobool
 
+from lib.conf_values import dataclass_from_conf
 from lib.image_source import ImageReadError, fingerprint, read_image
 from lib.model_store import ModelStore
 from lib.preprocessing import PolicyName
@@ -223,24 +223,7 @@ class SamUncertaintyStrategy(Strategy):
 def uncertainty_config_from_conf(conf: Mapping[str, Any]) -> UncertaintyConfig:
     """``uncertainty_num_prompts``, ``uncertainty_box_shift``, ``uncertainty_method``, ``uncertainty_seed`` from
     ``--conf`` (a bad value raises a ValueError naming the key)."""
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(UncertaintyConfig):
-        key = f"uncertainty_{field.name}"
-        if key in conf and conf[key] not in (None, ""):
-            raw = conf[key]
-            try:
-                if field.type in ("int", int):
-                    values[field.name] = int(raw)
-                elif field.type in ("bool", bool):
-                    values[field.name] = bool(strtobool(str(raw)))
-                else:
-                    values[field.name] = str(raw)
-            except ValueError as err:
-                raise ValueError(f"--conf {key} {raw!r}: {err}") from err
-    try:
-        return UncertaintyConfig(**values)
-    except ValueError as err:
-        raise ValueError(f"--conf uncertainty_*: {err}") from err
+    return dataclass_from_conf(UncertaintyConfig, conf, "uncertainty_")
 
 
 def active_learning_strategies(conf: Mapping[str, Any], model_store: ModelStore) -> dict[str, Strategy]:
