@@ -312,6 +312,16 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def finish_together() -> None:
+    """Wait for every process of the ``torch.distributed`` group (no-op in a single process).
+
+    Called where training ends, before any process may tear the group down: a process that leaves the last
+    collective first and destroys its gloo connections while a peer still flushes messages to it aborts the peer.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
     """Give every process the parameters of ``src`` (no-op in a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
@@ -613,6 +623,7 @@ def fit(
             on_epoch(engine.state.epoch, engine)
 
     engine.run(loader, max_epochs=config.epochs)
+    finish_together()
     return history
 
 

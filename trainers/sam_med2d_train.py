@@ -51,6 +51,7 @@ from lib.training import (
     SimulatedAnnotator,
     broadcast_parameters,
     configure_cpu_math,
+    finish_together,
     iteration_update,
     make_optimizer,
     make_scheduler,
@@ -385,6 +386,7 @@ class ValidateAndPublish:
         self._write_stats()
 
     def completed(self, engine: SupervisedTrainer) -> None:
+        finish_together()  # before MONAI Label destroys the process group after the run
         if self.rank != 0:
             return
         store = self.task.model_store
