@@ -27,6 +27,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from lib.decoding import ServedDecoding
 from lib.image_source import ImageReadError
 from lib.interactive import InteractiveSegmenter, Segmentation
 from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts
@@ -64,12 +65,17 @@ class LoadImageSourced:
 
 class ReadPromptsd:
     """The request's prompts -> ``data["prompts"]`` (:class:`lib.prompt_inputs.ViewPrompts`) in view pixels, and its
-    result options -> ``data["result_format"]``: both checked before any model work."""
+    result options -> ``data["result_format"]``: both checked before any model work. ``multimask_output`` defaults to
+    the server's decoding rule (:class:`lib.decoding.ServedDecoding`)."""
+
+    def __init__(self, decoding: Callable[[], ServedDecoding]) -> None:
+        self.decoding = decoding
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         source = d["image_source"]
-        d["prompts"] = parse_prompts(d, source.view_hw, source.num_slices if source.is_volume else None)
+        num_slices = source.num_slices if source.is_volume else None
+        d["prompts"] = parse_prompts(d, source.view_hw, num_slices, self.decoding().multimask_output)
         d["result_format"] = result_format(d, source.is_volume)
         return d
 
@@ -156,7 +162,7 @@ class SamMed2DInfer(BasicInferTask):
             labels=list(labels) if labels else ["object"],
             dimension=2,
             description=description,
-            config={"multimask_output": "auto", "reset": False, "largest_cc": False},
+            config={"multimask_output": True, "reset": False, "largest_cc": False},
         )
         self.segmenter = segmenter
         self.first_prompt = first_prompt
@@ -173,7 +179,7 @@ class SamMed2DInfer(BasicInferTask):
         return True
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return [LoadImageSourced(self.segmenter), ReadPromptsd()]
+        return [LoadImageSourced(self.segmenter), ReadPromptsd(lambda: self.segmenter().decoding)]
 
     def inverse_transforms(self, data: dict[str, Any] | None = None) -> None:
         return None
