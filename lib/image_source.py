@@ -250,7 +250,7 @@ def _dicom_frame_affine(ds: object) -> np.ndarray | None:
     lps = np.eye(4)
     lps[:3, 0] = along_row * column_spacing
     lps[:3, 1] = along_column * row_spacing
-    lps[:3, 2] = np.cross(along_row, along_column) * float(ds.get("SliceThickness", 1.0) or 1.0)
+    lps[:3, 2] = np.cross(along_row, along_column)  # one frame: ITK gives the normal unit spacing
     lps[:3, 3] = origin
     return LPS_TO_RAS @ lps
 
