@@ -50,6 +50,7 @@ from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
 from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
+from lib.curation import CurationError, check_label  # noqa: E402
 from lib.decoding import ServedDecoding  # noqa: E402
 from lib.interactive import InteractiveSegmenter  # noqa: E402
 from lib.model_store import ModelStore  # noqa: E402
@@ -84,6 +85,20 @@ def _resolve_path(value: str) -> Path:
         return path.resolve()
     beside_app = APP_DIR / value
     return beside_app.resolve() if beside_app.exists() else path.resolve()
+
+
+class CheckedLocalDatastore(LocalDatastore):
+    """The local datastore, refusing at save time (422) a label that training could not pair with its image pixel
+    for pixel (:func:`lib.curation.check_label`): the annotator learns it now, not from a run that skips it."""
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        image_uri = self.get_image_uri(image_id)
+        if image_uri:  # an unknown image is the parent's 404
+            try:
+                check_label(image_uri, label_filename, image_id)
+            except CurationError as exc:
+                raise HTTPException(422, f"label not saved: {exc}") from exc
+        return super().save_label(image_id, label_filename, label_tag, label_info)
 
 
 class SamMed2DApp(MONAILabelApp):
@@ -152,7 +167,7 @@ class SamMed2DApp(MONAILabelApp):
             return super().init_datastore()
         extensions = list(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
         extensions += [e for e in EXTRA_EXTENSIONS if e not in extensions]
-        return LocalDatastore(
+        return CheckedLocalDatastore(
             self.studies,
             extensions=extensions,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
