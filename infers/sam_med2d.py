@@ -32,7 +32,7 @@ from lib.decoding import ServedDecoding
 from lib.image_source import ImageReadError
 from lib.interactive import InteractiveSegmenter, Segmentation
 from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts, parse_propagation
-from lib.propagation import DEFAULT_MIN_IOU
+from lib.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
 from lib.volume_io import write_label, write_slice_label_nrrd
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class ReadPromptsd:
         source = d["image_source"]
         num_slices = source.num_slices if source.is_volume else None
         d["prompts"] = parse_prompts(d, source.view_hw, num_slices, self.decoding().multimask_output)
-        d["propagation"] = parse_propagation(d, num_slices, DEFAULT_MIN_IOU)
+        d["propagation"] = parse_propagation(d, num_slices, DEFAULT_MIN_IOU, AREA_JUMP_RATIO)
         d["result_format"] = result_format(d, source.is_volume)
         return d
 
@@ -235,6 +235,7 @@ class SamMed2DInfer(BasicInferTask):
                 "direction": propagation.direction,
                 "max_slices": propagation.max_slices,
                 "min_iou": propagation.min_iou,
+                "max_area_ratio": propagation.max_area_ratio,
                 "slices": volume.slices,
                 "stops": [stop.to_dict() for stop in volume.stops],
                 "review_first": volume.review_first,

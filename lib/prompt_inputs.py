@@ -272,11 +272,14 @@ class PropagationRequest:
         direction: ``none``, ``both``, ``up`` (increasing slice index ``k``) or ``down`` (decreasing ``k``).
         max_slices: at most this many slices each way; ``None``: until the structure ends.
         min_iou: a direction stops at the first slice whose predicted IoU is below this.
+        max_area_ratio: a direction stops at the first slice whose area is more than this times, or less than
+            ``1 / max_area_ratio`` of, the previous slice's.
     """
 
     direction: str
     max_slices: int | None
     min_iou: float
+    max_area_ratio: float
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -284,18 +287,20 @@ class PropagationRequest:
         return {"none": (), "both": (1, -1), "up": (1,), "down": (-1,)}[self.direction]
 
 
-def parse_propagation(request: Mapping[str, Any], num_slices: int | None, default_min_iou: float) -> PropagationRequest:
-    """``propagate``, ``propagate_slices`` and ``propagate_min_iou`` of a request, checked (also when not propagating,
-    so a typo is reported rather than ignored).
+def parse_propagation(
+    request: Mapping[str, Any], num_slices: int | None, default_min_iou: float, default_area_ratio: float
+) -> PropagationRequest:
+    """``propagate``, ``propagate_slices``, ``propagate_min_iou`` and ``propagate_max_area_ratio`` of a request,
+    checked (also when not propagating, so a typo is reported rather than ignored).
 
     Args:
         request: the infer request.
         num_slices: ``K`` for a volume, ``None`` for a 2D image (which cannot propagate).
-        default_min_iou: ``propagate_min_iou`` when the request does not say.
+        default_min_iou, default_area_ratio: the values when the request does not say.
 
     Raises:
-        InvalidRequestError: an unknown direction, a non-positive or fractional slice count, an IoU outside 0..1, or
-            propagation asked on a 2D image.
+        InvalidRequestError: an unknown direction, a non-positive or fractional slice count, an IoU outside 0..1, an
+            area ratio not above 1, or propagation asked on a 2D image.
     """
     value = request.get("propagate")
     direction = "none" if value is None or value == "" else str(value).strip().lower()
@@ -314,4 +319,8 @@ def parse_propagation(request: Mapping[str, Any], num_slices: int | None, defaul
     min_iou = default_min_iou if raw is None or raw == "" else _number(raw, "propagate_min_iou")
     if not 0.0 <= min_iou <= 1.0:
         raise InvalidRequestError(f"propagate_min_iou must be between 0 and 1, got {raw!r}")
-    return PropagationRequest(direction=direction, max_slices=max_slices, min_iou=min_iou)
+    raw = request.get("propagate_max_area_ratio")
+    ratio = default_area_ratio if raw is None or raw == "" else _number(raw, "propagate_max_area_ratio")
+    if not ratio > 1.0:
+        raise InvalidRequestError(f"propagate_max_area_ratio must be above 1, got {raw!r}")
+    return PropagationRequest(direction=direction, max_slices=max_slices, min_iou=min_iou, max_area_ratio=ratio)

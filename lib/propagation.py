@@ -9,8 +9,8 @@ kept, when
 
 * ``mask_vanished``: nothing is above the threshold;
 * ``low_iou``: the predicted IoU is below ``propagate_min_iou`` (default :data:`DEFAULT_MIN_IOU`);
-* ``area_jump``: the area grew or shrank by more than :data:`AREA_JUMP_RATIO` against the previous slice (a leak into
-  a neighbour, or the prompt box collapsing);
+* ``area_jump``: the area grew or shrank by more than ``propagate_max_area_ratio`` (default :data:`AREA_JUMP_RATIO`)
+  against the previous slice (a leak into a neighbour, or the prompt box collapsing);
 
 and, keeping everything so far, at ``volume_end``, after ``propagate_slices`` slices (``propagate_slices``) or at a
 slice the annotator prompted earlier (``user_slice``: corrections are never overwritten).
@@ -109,7 +109,7 @@ def propagate_direction(
             batch); called with the next :data:`ENCODE_AHEAD` slices the walk may reach.
         start: the slice it starts from (not part of the result).
         num_slices: ``K`` of the volume.
-        request: ``max_slices`` and ``min_iou``.
+        request: ``max_slices``, ``min_iou`` and ``max_area_ratio``.
         blocked: slices the annotator prompted; the walk stops before them.
 
     Returns:
@@ -147,7 +147,7 @@ def propagate_direction(
             reason = "mask_vanished"
         elif current.iou < request.min_iou:
             reason = "low_iou"
-        elif not 1 / AREA_JUMP_RATIO <= area / previous.area <= AREA_JUMP_RATIO:
+        elif not 1 / request.max_area_ratio <= area / previous.area <= request.max_area_ratio:
             reason = "area_jump"
         if reason is not None:
             return kept, Stop(direction, reason, slice=k, iou=round(current.iou, 6), area=area)
