@@ -123,28 +123,33 @@ def quality(args: argparse.Namespace, work: Path) -> dict:
             raise RuntimeError(f"training failed: {response.text[:500]}\n{server_log(url)[-3000:]}")
         train_seconds = time.perf_counter() - start
 
-        ceiling = np.zeros_like(target)
-        for k in present:
-            mask, _ = infer_volume(url, {"box": box_of(target[k]), "slice": int(k), "client_id": f"c{k}"})
-            ceiling[k] = mask[k]
-        first = {"box": box_of(target[middle]), "slice": middle, "reset": True}
-        floor, _ = infer_volume(url, {**first, "client_id": "floor"})
-        walks = {}
-        for min_iou in MIN_IOUS:
-            label, result = infer_volume(
-                url, {**first, "client_id": f"walk{min_iou}", "propagate": "both", "propagate_min_iou": min_iou}
-            )
-            walks[min_iou] = (label, result["propagation"])
+        result = evaluate(url, source, target, middle, args.slab)
     finally:
         stop_server(url)
+    return {"train_slices": len(train), "train_seconds": round(train_seconds, 1), **result}
+
+
+def evaluate(url: str, source, target: np.ndarray, middle: int, slab: int) -> dict:
+    """Ceiling, floor and propagation (for each of :data:`MIN_IOUS`) on the served model; draws the picture."""
+    present = np.flatnonzero(target.any(axis=(1, 2)))
+    ceiling = np.zeros_like(target)
+    for k in present:
+        mask, _ = infer_volume(url, {"box": box_of(target[k]), "slice": int(k), "client_id": f"c{k}"})
+        ceiling[k] = mask[k]
+    first = {"box": box_of(target[middle]), "slice": middle, "reset": True}
+    floor, _ = infer_volume(url, {**first, "client_id": "floor"})
+    walks = {}
+    for min_iou in MIN_IOUS:
+        label, result = infer_volume(
+            url, {**first, "client_id": f"walk{min_iou}", "propagate": "both", "propagate_min_iou": min_iou}
+        )
+        walks[min_iou] = (label, result["propagation"])
     default = walks[0.5]
     plot(source, target, default[0], ceiling, default[1], middle)
-    held = [k for k in present if abs(k - middle) <= args.slab]
+    held = [k for k in present if abs(k - middle) <= slab]
     return {
         "structure_slices": [int(present[0]), int(present[-1])],
         "start_slice": middle,
-        "train_slices": len(train),
-        "train_seconds": round(train_seconds, 1),
         "dice": {
             "ceiling (GT box every slice)": dice(ceiling, target),
             "propagation (one box, default)": dice(default[0], target),
