@@ -183,7 +183,8 @@ def plot(source, target: np.ndarray, label: np.ndarray, ceiling: np.ndarray, pro
 
     listed = [s["slice"] for s in propagation["slices"]]
     review = propagation["review_first"]
-    picks = sorted({listed[0], listed[len(listed) // 4], middle, listed[3 * len(listed) // 4], listed[-1], review})
+    picks = {listed[0], listed[len(listed) // 4], middle, listed[3 * len(listed) // 4], listed[-1], review}
+    picks = sorted(picks - {None})
     fig, axes = plt.subplots(1, len(picks) + 1, figsize=(3 * (len(picks) + 1), 3.4))
     ious = {s["slice"]: s["iou"] for s in propagation["slices"]}
     for ax, k in zip(axes, picks, strict=False):

@@ -33,8 +33,7 @@ from .modeling import SamMed2D
 from .prompt_inputs import PropagationRequest
 from .prompts import interior_clicks
 
-# Measured on the MNI152 white matter with a model trained through the server (benchmarks/bench_propagation.py,
-# docs/propagation.md): wrong slices at the ends of the structure are predicted under this, most kept slices above.
+# Provisional: the MNI152 measurement (docs/propagation.md) was too weak a model to separate good and bad slices.
 DEFAULT_MIN_IOU = 0.5
 # Adjacent slices of one structure rarely change area by more than 2x; a leak into a neighbour does.
 AREA_JUMP_RATIO = 2.0
