@@ -9,7 +9,8 @@ BasicInferTask's:
 - inferer: :class:`lib.interactive.InteractiveSegmenter`, which encodes a view once and keeps the prompt-independent
   decoder inputs with the embedding, so a click costs one decoder pass.
 - post transforms: :class:`KeepLargestComponentd` (when ``largest_cc``), :class:`PlaceMaskd` (the mask in the input's
-  geometry: the 2D image, or the whole volume with the clicked slice filled).
+  geometry: the 2D image, or the whole volume with the clicked slice filled, or with ``propagate`` every slice of the
+  client's label, see :mod:`lib.propagation`).
 - writer: the label file in the extension and dtype the request names, plus the JSON result.
 
 The request schema is in ``docs/prompts.md``.
@@ -30,7 +31,8 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from lib.decoding import ServedDecoding
 from lib.image_source import ImageReadError, picture_affine
 from lib.interactive import InteractiveSegmenter, Segmentation
-from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts
+from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts, parse_propagation
+from lib.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
 from lib.volume_io import write_label, write_slice_label_nrrd
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class ReadPromptsd:
         source = d["image_source"]
         num_slices = source.num_slices if source.is_volume else None
         d["prompts"] = parse_prompts(d, source.view_hw, num_slices, source.affine, self.decoding().multimask_output)
+        d["propagation"] = parse_propagation(d, num_slices, DEFAULT_MIN_IOU, AREA_JUMP_RATIO)
         d["result_format"] = result_format(d, source.is_volume, source.affine is not None)
         return d
 
@@ -101,7 +104,8 @@ def result_format(request: dict[str, Any], is_volume: bool, has_geometry: bool =
 
 
 class KeepLargestComponentd:
-    """Keep the largest 8-connected component of ``data["pred"]`` (``(H, W)`` bool) when ``largest_cc`` is true."""
+    """Keep the largest 8-connected component of ``data["pred"]`` (``(H, W)`` bool, or each slice of a propagated
+    ``(K, H, W)`` label) when ``largest_cc`` is true."""
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
@@ -109,10 +113,12 @@ class KeepLargestComponentd:
             return d
         from scipy import ndimage
 
-        components, count = ndimage.label(d["pred"], structure=np.ones((3, 3), dtype=bool))
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            d["pred"] = components == (int(np.argmax(sizes)) + 1)
+        views = d["pred"] if d["pred"].ndim == 3 else d["pred"][None]
+        for k in np.flatnonzero(views.any(axis=(1, 2))):
+            components, count = ndimage.label(views[k], structure=np.ones((3, 3), dtype=bool))
+            if count > 1:
+                sizes = np.bincount(components.ravel())[1:]
+                views[k] = components == (int(np.argmax(sizes)) + 1)
         return d
 
 
@@ -121,14 +127,15 @@ class PlaceMaskd:
 
     A 2D image's label is the ``(H, W)`` array. For a volume the label is the volume's ``(I, J, K)`` grid, empty
     except on the clicked slice; it stays described by the slice (``data["pred"]``, ``(J, I)``) and
-    ``data["label_slice"]`` (``k``) because the writer fills the rest without building the array.
+    ``data["label_slice"]`` (``k``) because the writer fills the rest without building the array. A propagated label
+    is ``data["pred"]`` ``(K, J, I)`` (``data["label_slice"]`` ``None``).
     """
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         d["pred"] = d["pred"].astype(np.uint8) * np.uint8(LABEL_VALUE)
         if d["image_source"].is_volume:
-            d["label_slice"] = d["prompts"].slice_index
+            d["label_slice"] = None if d["pred"].ndim == 3 else d["prompts"].slice_index
         return d
 
 
@@ -163,7 +170,13 @@ class SamMed2DInfer(BasicInferTask):
             labels=list(labels) if labels else ["object"],
             dimension=2,
             description=description,
-            config={"multimask_output": True, "reset": False, "largest_cc": False},
+            # Slicer shows these in the model's options and sends them with every click; MONAI Label fills them in.
+            config={
+                "multimask_output": True,
+                "reset": False,
+                "largest_cc": False,
+                "propagate": "none",
+            },
         )
         self.segmenter = segmenter
         self.first_prompt = first_prompt
@@ -189,20 +202,27 @@ class SamMed2DInfer(BasicInferTask):
         return [KeepLargestComponentd(), PlaceMaskd()]
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
-        """Decode the prompts on the (cached) image embedding; ``data["pred"]`` is the ``(H, W)`` view mask."""
+        """Decode the prompts on the (cached) image embedding; ``data["pred"]`` is the ``(H, W)`` view mask, or with
+        ``propagate`` the ``(K, H, W)`` label of every slice."""
         # Slicer's module says reset_state (when the annotator switches segments); REST clients say reset.
-        reset = parse_bool(data.get("reset"), "reset", default=False) or parse_bool(
-            data.get("reset_state"), "reset_state", default=False
+        reset = bool(
+            parse_bool(data.get("reset"), "reset", default=False)
+            or parse_bool(data.get("reset_state"), "reset_state", default=False)
         )
-        result: Segmentation = self.segmenter().segment_view(
-            data["image_source"],
-            data["prompts"],
-            client_id=str(data.get("client_id") or ""),
-            label=str(data.get("label") or ""),
-            reset=bool(reset),
-        )
+        client_id, label = str(data.get("client_id") or ""), str(data.get("label") or "")
         d = data
-        d["pred"] = result.mask
+        propagation = d["propagation"]
+        if propagation.direction == "none":
+            result: Segmentation = self.segmenter().segment_view(
+                d["image_source"], d["prompts"], client_id=client_id, label=label, reset=reset
+            )
+            d["pred"] = result.mask
+        else:
+            volume = self.segmenter().segment_volume(
+                d["image_source"], d["prompts"], propagation, client_id=client_id, label=label, reset=reset
+            )
+            result = volume.first
+            d["pred"] = volume.label
         d["result"] = {
             "iou": round(result.iou, 6),
             "embedding_cached": result.embedding_cached,
@@ -215,6 +235,17 @@ class SamMed2DInfer(BasicInferTask):
             "label": d.get("label") or "",
             "client_id": d.get("client_id") or "",
         }
+        if propagation.direction != "none":
+            d["result"]["propagation"] = {
+                "direction": propagation.direction,
+                "max_slices": propagation.max_slices,
+                "min_iou": propagation.min_iou,
+                "max_area_ratio": propagation.max_area_ratio,
+                "slices": volume.slices,
+                "stops": [stop.to_dict() for stop in volume.stops],
+                "review_first": volume.review_first,
+                "seconds_per_slice": volume.seconds_per_slice,
+            }
         if self.info_extra is not None:
             d["result"].update(self.info_extra())
         return d
@@ -230,6 +261,8 @@ class SamMed2DInfer(BasicInferTask):
             from PIL import Image
 
             Image.fromarray(label).save(output, compress_level=1)
+        elif label.ndim == 3:  # a propagated (K, J, I) label: the whole volume, ITK index order
+            write_label(label.transpose(2, 1, 0), output, source.affine, compress)
         elif source.is_volume and ext.endswith(".nrrd"):
             write_slice_label_nrrd(output, source.pixels.shape[:3], data["label_slice"], label, source.affine, compress)
         elif source.is_volume:

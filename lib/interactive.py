@@ -17,7 +17,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,8 @@ from .image_source import ImageSource, fingerprint, read_image
 from .model_store import ModelStore
 from .modeling import SamMed2D
 from .preprocessing import preprocess_image
-from .prompt_inputs import ViewPrompts
+from .prompt_inputs import PropagationRequest, ViewPrompts
+from .propagation import SliceMask, Stop, VolumeLabel, propagate_direction
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,28 @@ class Segmentation:
     multimask_output: bool
     timings_ms: dict[str, float]
     model_version: str
+
+
+@dataclasses.dataclass
+class VolumeSegmentation:
+    """The answer to a click with ``propagate``: the prompted slice's answer and the client's whole label.
+
+    Attributes:
+        first: the prompted slice's :class:`Segmentation`.
+        label: ``(K, H, W)`` bool, every slice of the client's label of this volume (earlier corrections included).
+        slices: one entry per non-empty slice of ``label``, by index: ``slice``, ``iou``, ``area``, ``source``
+            (``user``: prompted by the annotator; ``propagated``) and ``updated`` (changed by this request).
+        stops: why each direction walked stopped (:class:`lib.propagation.Stop`).
+        review_first: the propagated slice with the lowest predicted IoU, or ``None``.
+        seconds_per_slice: wall time of the walk (encoding included) per propagated slice, or ``None``.
+    """
+
+    first: Segmentation
+    label: np.ndarray
+    slices: list[dict[str, Any]]
+    stops: list[Stop]
+    review_first: int | None
+    seconds_per_slice: float | None
 
 
 def release_freed_memory(collect: bool = True) -> None:
@@ -152,6 +175,8 @@ class InteractiveSegmenter:
         max_source_bytes: bound of the loaded images' pixels (the image being clicked is kept even when larger):
             a 512x512x600 CT is 315 MB, so a count alone does not bound memory.
         max_states: remembered previous masks (client, image, view, label).
+        max_volume_labels: remembered propagated labels (client, image, window, label), also bounded by
+            ``max_volume_bytes`` (bit-packed: a 512x512x300 label is 10 MB).
         decode_threads: intra-op threads for the per-click decoder (``None``: torch's setting). The decoder's
             operations are small: one thread avoids the synchronisation that makes several threads slow, very slow
             when other processes (a training run) share the cores.
@@ -168,6 +193,8 @@ class InteractiveSegmenter:
         max_sources: int = 4,
         max_source_bytes: int = 1024 * 2**20,
         max_states: int = 512,
+        max_volume_labels: int = 32,
+        max_volume_bytes: int = 256 * 2**20,
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
     ) -> None:
@@ -179,6 +206,7 @@ class InteractiveSegmenter:
         self.cache = EmbeddingCache(cache_bytes)
         self._sources = _LRU(max_sources, max_source_bytes, lambda source: source.nbytes)
         self._states = _LRU(max_states)
+        self._volumes = _LRU(max_volume_labels, max_volume_bytes, lambda label: label.nbytes)
         self._model: SamMed2D | None = None
         self._image_pe: torch.Tensor | None = None
         self._model_key: str | None = None
@@ -213,6 +241,7 @@ class InteractiveSegmenter:
             self.last_load_error = None
             self.cache.invalidate()
             self._states.clear()
+            self._volumes.clear()
             release_freed_memory()
             logger.info(
                 "Serving weights %s (%s) on %s; loaded in %.2f s%s",
@@ -269,30 +298,58 @@ class InteractiveSegmenter:
         self, model: SamMed2D, model_key: str, source: ImageSource, prompts: ViewPrompts
     ) -> tuple[CachedEmbedding, EmbeddingKey, bool]:
         """The view's embedding with its prompt-independent decoder inputs, from the cache or computed now."""
-        key = self.embedding_key(source, prompts, model_key)
-        entry = self.cache.get(key)
-        if entry is not None:
-            return entry, key, True
-        cfg = model.config
-        view = source.view(prompts.slice_index, prompts.window)
-        with torch.inference_mode():
-            tensor, geometry = preprocess_image(
-                view, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, self.decoding.policy, device=self.device
-            )
-            with torch_threads(self.encode_threads):
-                features = model.encode(tensor)
-            extras = prompt_independent_inputs(model, features, self._image_pe)
-        entry = CachedEmbedding(features=features, geometry=geometry, extras=extras)
-        self.cache.put(key, entry)
-        release_freed_memory(collect=False)  # the encoder's activations, so resident memory does not creep up
-        return entry, key, False
+        return self.embed_views(model, model_key, source, [prompts.slice_index], prompts.window)[0]
+
+    def embed_views(
+        self,
+        model: SamMed2D,
+        model_key: str,
+        source: ImageSource,
+        slices: Sequence[int | None],
+        window: tuple[float, float] | None,
+    ) -> list[tuple[CachedEmbedding, EmbeddingKey, bool]]:
+        """The embeddings of several views of ``source`` (slices of a volume; ``[None]`` for a 2D image), in order,
+        with whether each came from the cache. The missing ones are encoded in one batch: on 2 CPU cores a batch of
+        four ViT-B views takes about 0.6 of the time of four single ones."""
+        keys = [self._view_key(source, k, window, model_key) for k in slices]
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            cfg = model.config
+            with torch.inference_mode():
+                inputs = [
+                    preprocess_image(
+                        source.view(slices[i], window),
+                        cfg.image_size,
+                        cfg.pixel_mean,
+                        cfg.pixel_std,
+                        self.decoding.policy,
+                        device=self.device,
+                    )
+                    for i in missing
+                ]
+                with torch_threads(self.encode_threads):
+                    features = model.encode(torch.cat([tensor for tensor, _ in inputs]))
+                for row, (i, (_, geometry)) in enumerate(zip(missing, inputs, strict=True)):
+                    view_features = features[row : row + 1].clone()  # its own storage, so the cache sizes it alone
+                    extras = prompt_independent_inputs(model, view_features, self._image_pe)
+                    found[i] = CachedEmbedding(features=view_features, geometry=geometry, extras=extras)
+                    self.cache.put(keys[i], found[i])
+            del features
+            release_freed_memory(collect=False)  # the encoder's activations, so resident memory does not creep up
+        return [(entry, key, i not in missing) for i, (entry, key) in enumerate(zip(found, keys, strict=True))]
 
     def embedding_key(self, source: ImageSource, prompts: ViewPrompts, model_key: str) -> EmbeddingKey:
+        return self._view_key(source, prompts.slice_index, prompts.window, model_key)
+
+    def _view_key(
+        self, source: ImageSource, slice_index: int | None, window: tuple[float, float] | None, model_key: str
+    ) -> EmbeddingKey:
         view = ""
         if source.is_volume:
-            view = f"axis=2,slice={prompts.slice_index}"
+            view = f"axis=2,slice={slice_index}"
         if source.needs_mapping:
-            window = prompts.window or source.value_range
+            window = window or source.value_range
             view += f",window={window[0]:g}:{window[1]:g}"
         return EmbeddingKey(
             image=source.path,
@@ -371,6 +428,66 @@ class InteractiveSegmenter:
             model_version=self.store.active_version(),
         )
 
+    def segment_volume(
+        self,
+        source: ImageSource,
+        prompts: ViewPrompts,
+        propagation: PropagationRequest,
+        client_id: str = "",
+        label: str = "",
+        reset: bool = False,
+    ) -> VolumeSegmentation:
+        """Segment the prompted slice of a volume (as :meth:`segment_view`), then carry the mask outward.
+
+        The client's label of this volume (per ``client_id``, image, window and ``label``) remembers every slice the
+        annotator prompted with ``propagate``; a new prompt on slice ``k`` replaces ``k`` and re-propagates from it
+        outward in the asked directions, each walk stopping before a slice prompted earlier, so earlier corrections
+        stay. ``reset`` starts a new label. Each propagated slice's logits become that slice's previous mask, so a
+        correcting click there refines what the annotator sees.
+        """
+        first = self.segment_view(source, prompts, client_id, label, reset)
+        start = SliceMask(prompts.slice_index, first.mask, first.low_res, first.iou)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        with self._lock:
+            model, model_key = self.model()
+            volume_key = (client_id, label, source.path, source.content, prompts.window, model_key)
+            volume = None if reset else self._volumes.get(volume_key)
+            volume = volume if volume is not None else VolumeLabel(source.view_hw)
+            volume.put(start, "user")
+            updated = {start.index}
+            stops: list[Stop] = []
+
+            def embed(slices: Sequence[int]) -> list[CachedEmbedding]:
+                return [e for e, _, _ in self.embed_views(model, model_key, source, slices, prompts.window)]
+
+            for step in propagation.steps:
+                blocked = volume.user_slices() - {start.index}
+                with torch_threads(self.decode_threads):
+                    kept, stop = propagate_direction(
+                        model, self.decoding, embed, start, step, source.num_slices, propagation, blocked
+                    )
+                volume.replace_direction(start.index, step, kept)
+                stops.append(stop)
+                for result in kept:
+                    updated.add(result.index)
+                    view_key = self._view_key(source, result.index, prompts.window, model_key)
+                    self._states.put((client_id, view_key, label), result.low_res)
+            self._volumes.put(volume_key, volume)
+        walked = len(updated) - 1
+        elapsed = time.perf_counter() - started
+        slices = [
+            {"slice": k, "iou": round(r.iou, 6), "area": r.area, "source": r.source, "updated": k in updated}
+            for k, r in sorted(volume.slices.items())
+        ]
+        return VolumeSegmentation(
+            first=first,
+            label=volume.stack(source.num_slices),
+            slices=slices,
+            stops=stops,
+            review_first=volume.review_first(),
+            seconds_per_slice=round(elapsed / walked, 4) if walked else None,
+        )
+
     def _decode(
         self, model: SamMed2D, entry: CachedEmbedding, prompts: ViewPrompts, previous: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,5 +511,6 @@ class InteractiveSegmenter:
             "images_in_memory": len(self._sources),
             "image_bytes_in_memory": self._sources.size(),
             "interaction_states": len(self._states),
+            "volume_labels": len(self._volumes),
             "device": str(self.device),
         }

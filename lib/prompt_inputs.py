@@ -318,3 +318,68 @@ def _parse_box(
     if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
         raise InvalidRequestError(f"{name} {values!r} is outside the image of size {w}x{h}")
     return np.array([x1, y1, x2, y2], dtype=np.float64), slices
+
+
+PROPAGATE_DIRECTIONS = ("none", "both", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class PropagationRequest:
+    """How far a volume request carries its mask to neighbouring slices (see :mod:`lib.propagation`).
+
+    Attributes:
+        direction: ``none``, ``both``, ``up`` (increasing slice index ``k``) or ``down`` (decreasing ``k``).
+        max_slices: at most this many slices each way; ``None``: until the structure ends.
+        min_iou: a direction stops at the first slice whose predicted IoU is below this.
+        max_area_ratio: a direction stops at the first slice whose area is more than this times, or less than
+            ``1 / max_area_ratio`` of, the previous slice's.
+    """
+
+    direction: str
+    max_slices: int | None
+    min_iou: float
+    max_area_ratio: float
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The slice steps to walk: ``+1`` for up, ``-1`` for down."""
+        return {"none": (), "both": (1, -1), "up": (1,), "down": (-1,)}[self.direction]
+
+
+def parse_propagation(
+    request: Mapping[str, Any], num_slices: int | None, default_min_iou: float, default_area_ratio: float
+) -> PropagationRequest:
+    """``propagate``, ``propagate_slices``, ``propagate_min_iou`` and ``propagate_max_area_ratio`` of a request,
+    checked (also when not propagating, so a typo is reported rather than ignored).
+
+    Args:
+        request: the infer request.
+        num_slices: ``K`` for a volume, ``None`` for a 2D image (which cannot propagate).
+        default_min_iou, default_area_ratio: the values when the request does not say.
+
+    Raises:
+        InvalidRequestError: an unknown direction, a non-positive or fractional slice count, an IoU outside 0..1, an
+            area ratio not above 1, or propagation asked on a 2D image.
+    """
+    value = request.get("propagate")
+    direction = "none" if value is None or value == "" else str(value).strip().lower()
+    if direction not in PROPAGATE_DIRECTIONS:
+        raise InvalidRequestError(f"propagate must be one of {list(PROPAGATE_DIRECTIONS)}, got {value!r}")
+    if direction != "none" and num_slices is None:
+        raise InvalidRequestError(f"propagate {direction!r} needs a volume: a 2D image has no neighbouring slices")
+    max_slices = None
+    raw = request.get("propagate_slices")
+    if raw is not None and raw != "":
+        count = _number(raw, "propagate_slices")
+        if count != int(count) or count < 1:
+            raise InvalidRequestError(f"propagate_slices must be a positive integer (slices each way), got {raw!r}")
+        max_slices = int(count)
+    raw = request.get("propagate_min_iou")
+    min_iou = default_min_iou if raw is None or raw == "" else _number(raw, "propagate_min_iou")
+    if not 0.0 <= min_iou <= 1.0:
+        raise InvalidRequestError(f"propagate_min_iou must be between 0 and 1, got {raw!r}")
+    raw = request.get("propagate_max_area_ratio")
+    ratio = default_area_ratio if raw is None or raw == "" else _number(raw, "propagate_max_area_ratio")
+    if not ratio > 1.0:
+        raise InvalidRequestError(f"propagate_max_area_ratio must be above 1, got {raw!r}")
+    return PropagationRequest(direction=direction, max_slices=max_slices, min_iou=min_iou, max_area_ratio=ratio)
