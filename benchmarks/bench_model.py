@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import statistics
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -34,7 +36,9 @@ from benchmarks import published_reference
 from lib.build import build_model
 from lib.decoding import ServedDecoding, decode_rows
 from lib.embedding_cache import CachedEmbedding
+from lib.export import export_onnx
 from lib.modeling import SamMed2D
+from lib.onnx_backend import OnnxSamMed2D, onnx_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PUBLISHED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared")) / "reference/sam_med2d_official"
@@ -85,7 +89,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=5, help="encoder calls per implementation (median)")
     parser.add_argument("--clicks", type=int, default=40, help="clicks per prompt kind and implementation (median)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     args = parser.parse_args()
+    with_onnx = not args.no_onnx and args.device == "cpu" and importlib.util.find_spec("onnxruntime") is not None
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -105,17 +111,22 @@ def main() -> None:
         f"SAM-Med2D ViT-B + adapters, 256 input, fp32; torch {torch.__version__}, {args.device}, "
         f"{torch.get_num_threads()} threads; published code from {args.published_code}"
     )
+    runtime = None
+    if with_onnx:
+        with tempfile.TemporaryDirectory() as onnx_dir:
+            export_onnx(ours, onnx_dir)
+            runtime = OnnxSamMed2D(onnx_dir, threads=args.threads)
     with torch.inference_mode():
         features = ours.encode(x)
         encoder_diff = {
             "published math (re-implemented)": _max_diff(published_reference.encode(ours.image_encoder, x), features),
             "ours torch": _max_diff(published.image_encoder(x), features),
         }
-        encoder_s = alternating_medians(
-            {"published code": lambda: published.image_encoder(x), "ours torch": lambda: ours.encode(x)},
-            args.repeats,
-            sync,
-        )
+        encoders = {"published code": lambda: published.image_encoder(x), "ours torch": lambda: ours.encode(x)}
+        if runtime is not None:
+            encoder_diff["ours onnxruntime"] = _max_diff(published.image_encoder(x), runtime.encode(x))
+            encoders["ours onnxruntime"] = lambda: runtime.encode(x)
+        encoder_s = alternating_medians(encoders, args.repeats, sync)
         entry = CachedEmbedding(features, None)
 
         def published_click(points, boxes, mask):
@@ -146,11 +157,18 @@ def main() -> None:
                 "published math (re-implemented)": _max_diff(reference_click()[0], expected),
                 "ours torch": _max_diff(ours_click()[0], expected),
             }
-            medians = alternating_medians(
-                {"published code": lambda p=(points, boxes, mask): published_click(*p), "ours torch": ours_click},
-                args.clicks,
-                sync,
-            )
+            clicks = {"published code": lambda p=(points, boxes, mask): published_click(*p), "ours torch": ours_click}
+            if runtime is not None:
+                onnx_points = onnx_prompts(coords, labels, boxes)
+
+                def onnx_click(onnx_points=onnx_points, mask=mask):
+                    masks, iou = runtime.decode_all(features, *onnx_points, mask)
+                    best = iou[:, 1:].argmax(dim=1) + 1  # the served multimask choice, as lib.decoding makes it
+                    return masks[torch.arange(len(best)), best][:, None], iou[torch.arange(len(best)), best]
+
+                click_diff[kind]["ours onnxruntime"] = _max_diff(onnx_click()[0], expected)
+                clicks["ours onnxruntime"] = onnx_click
+            medians = alternating_medians(clicks, args.clicks, sync)
             click_ms[kind] = {name: 1000 * s for name, s in medians.items()}
 
     header = f"{'implementation':<34}{'encoder s':>10}{'point ms':>10}{'box ms':>9}{'pt+mask ms':>12}"
@@ -159,12 +177,13 @@ def main() -> None:
     for name in encoder_s:
         clicks = "".join(f"{click_ms[k][name]:>{w}.2f}" for k, w in (("point", 10), ("box", 9), ("point+mask", 12)))
         print(f"{name:<34}{encoder_s[name]:>10.3f}{clicks}")
-    base, mine = "published code", "ours torch"
-    ratios = [click_ms[k][base] / click_ms[k][mine] for k in click_ms]
-    print(
-        f"speed-up of ours over the published code: encoder {encoder_s[base] / encoder_s[mine]:.2f}x, click "
-        f"(prompt encoder + mask decoder, multimask) {min(ratios):.2f}x to {max(ratios):.2f}x"
-    )
+    base = "published code"
+    for mine in list(encoder_s)[1:]:
+        ratios = [click_ms[k][base] / click_ms[k][mine] for k in click_ms]
+        print(
+            f"speed-up of {mine} over the published code: encoder {encoder_s[base] / encoder_s[mine]:.2f}x, click "
+            f"(prompt encoder + mask decoder, multimask) {min(ratios):.2f}x to {max(ratios):.2f}x"
+        )
     print("largest |difference| from the published code's output (encoder features; kept low-res logits per prompt):")
     for name in encoder_diff:
         per_prompt = ", ".join(f"{k} {click_diff[k][name]:.1e}" for k in click_diff)
