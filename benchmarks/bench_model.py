@@ -38,7 +38,7 @@ from lib.decoding import ServedDecoding, decode_rows
 from lib.embedding_cache import CachedEmbedding
 from lib.export import export_onnx
 from lib.modeling import SamMed2D
-from lib.onnx_backend import OnnxSamMed2D, onnx_prompts
+from lib.onnx_backend import OnnxSamMed2D
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PUBLISHED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared")) / "reference/sam_med2d_official"
@@ -128,6 +128,7 @@ def main() -> None:
             encoders["ours onnxruntime"] = lambda: runtime.encode(x)
         encoder_s = alternating_medians(encoders, args.repeats, sync)
         entry = CachedEmbedding(features, None)
+        onnx_entry = CachedEmbedding(features, None, {"onnx_decoder": runtime.decoder}) if runtime else None
 
         def published_click(points, boxes, mask):
             sparse, dense = published.prompt_encoder(points, boxes, mask)
@@ -159,12 +160,9 @@ def main() -> None:
             }
             clicks = {"published code": lambda p=(points, boxes, mask): published_click(*p), "ours torch": ours_click}
             if runtime is not None:
-                onnx_points = onnx_prompts(coords, labels, boxes)
 
-                def onnx_click(onnx_points=onnx_points, mask=mask):
-                    masks, iou = runtime.decode_all(features, *onnx_points, mask)
-                    best = iou[:, 1:].argmax(dim=1) + 1  # the served multimask choice, as lib.decoding makes it
-                    return masks[torch.arange(len(best)), best][:, None], iou[torch.arange(len(best)), best]
+                def onnx_click(coords=coords, labels=labels, boxes=boxes, mask=mask):
+                    return decode_rows(ours, onnx_entry, decoding, coords, labels, boxes, mask)
 
                 click_diff[kind]["ours onnxruntime"] = _max_diff(onnx_click()[0], expected)
                 clicks["ours onnxruntime"] = onnx_click

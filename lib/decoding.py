@@ -104,7 +104,8 @@ def decode_rows(
     Args:
         model: the network.
         entry: the image's embedding ``features`` ``(1, C, h, w)``; its ``extras`` hold
-            :func:`prompt_independent_inputs` (computed here when absent).
+            :func:`prompt_independent_inputs` (computed here when absent), and ``onnx_decoder`` where the server
+            decodes with ONNX Runtime.
         decoding: the rule (mask prompt form, default multimask).
         point_coords: ``(R, N, 2)`` (x, y); ``point_labels``: ``(R, N)`` 1 foreground, 0 background.
         boxes: ``(R, 4)`` XYXY.
@@ -116,13 +117,19 @@ def decode_rows(
     """
     if not entry.extras:
         entry.extras.update(prompt_independent_inputs(model, entry.features))
-    points = (point_coords, point_labels) if point_coords is not None else None
-    sparse, _ = model.prompt_encoder(points, boxes, None)
-    if previous_low_res is None:
-        src = entry.extras["src_no_mask"]
+    onnx_decoder = entry.extras.get("onnx_decoder")
+    if onnx_decoder is not None:
+        # --conf backend onnxruntime: the same outputs from ONNX Runtime (lib.onnx_backend.OnnxDecoder).
+        mask = None if previous_low_res is None else decoding.mask_input(previous_low_res)
+        masks, iou = onnx_decoder(entry.features, point_coords, point_labels, boxes, mask)
     else:
-        src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
-    masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, _ = model.prompt_encoder(points, boxes, None)
+        if previous_low_res is None:
+            src = entry.extras["src_no_mask"]
+        else:
+            src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
+        masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse)
     multimask = decoding.multimask_output if multimask_output is None else multimask_output
     # Multimask: the best of outputs 1..3 (the published decoder's multimask slice); otherwise output 0.
     best = iou[:, 1:].argmax(dim=1) + 1 if multimask else torch.zeros_like(iou[:, 0], dtype=torch.long)

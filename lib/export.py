@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -78,6 +79,15 @@ def example_decoder_inputs(model: SamMed2D, rows: int = 1, points: int = 2) -> d
     }
 
 
+def export_decoder(model: SamMed2D, target: str | Path | BinaryIO) -> None:
+    """Write ``decoder.onnx`` of ``model`` (CPU, fp32) to a path or a binary file object (an in-memory export)."""
+    # Two rows, so that the trace keeps the image embedding's expansion to the number of prompt rows.
+    inputs = example_decoder_inputs(model, rows=2)
+    axes = {name: {0: "rows"} for name in ("point_coords", "point_labels", "mask_input", "masks", "iou_predictions")}
+    axes["point_coords"][1] = axes["point_labels"][1] = "points"
+    _export(PromptDecoder(model), tuple(inputs.values()), target, list(inputs), ["masks", "iou_predictions"], axes)
+
+
 def export_onnx(model: SamMed2D, out_dir: str | Path) -> dict[str, Path]:
     """Write ``image_encoder.onnx`` and ``decoder.onnx`` of ``model`` (on CPU, fp32) into ``out_dir``.
 
@@ -89,37 +99,34 @@ def export_onnx(model: SamMed2D, out_dir: str | Path) -> dict[str, Path]:
     model = model.to("cpu").eval()
     size = model.config.image_size
     paths = {"encoder": out / ENCODER_FILE, "decoder": out / DECODER_FILE}
+    image = torch.zeros(1, 3, size, size)
+    _export(model.image_encoder, (image,), paths["encoder"], ["image"], ["image_embeddings"], None)
+    export_decoder(model, paths["decoder"])
+    return paths
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    target: str | Path | BinaryIO,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]] | None,
+) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         # Python-level shape checks become constants of the trace: the shapes are fixed except the prompt axes.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: no onnxscript needed
         torch.onnx.export(
-            model.image_encoder,
-            (torch.zeros(1, 3, size, size),),
-            str(paths["encoder"]),
-            input_names=["image"],
-            output_names=["image_embeddings"],
+            module,
+            args,
+            target if not isinstance(target, Path) else str(target),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
             opset_version=OPSET,
             dynamo=False,
         )
-        # Two rows, so that the trace keeps the image embedding's expansion to the number of prompt rows.
-        inputs = example_decoder_inputs(model, rows=2)
-        torch.onnx.export(
-            PromptDecoder(model),
-            tuple(inputs.values()),
-            str(paths["decoder"]),
-            input_names=list(inputs),
-            output_names=["masks", "iou_predictions"],
-            dynamic_axes={
-                "point_coords": {0: "rows", 1: "points"},
-                "point_labels": {0: "rows", 1: "points"},
-                "mask_input": {0: "rows"},
-                "masks": {0: "rows"},
-                "iou_predictions": {0: "rows"},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

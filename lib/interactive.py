@@ -28,10 +28,12 @@ from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from .image_source import ImageSource, fingerprint, read_image
 from .model_store import ModelStore
 from .modeling import SamMed2D
+from .onnx_backend import OnnxDecoder
 from .preprocessing import preprocess_image
 from .prompt_inputs import ViewPrompts
 
 logger = logging.getLogger(__name__)
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclasses.dataclass
@@ -157,6 +159,9 @@ class InteractiveSegmenter:
             when other processes (a training run) share the cores.
         encode_threads: intra-op threads for the image encoder (``None``: torch's setting). OpenMP threads that
             wait for a descheduled sibling spin: on a busy machine two threads can take several times as long as one.
+        backend: ``torch``, or ``onnxruntime`` to run the prompt encoder + mask decoder with ONNX Runtime (CPU
+            only; exported from the served weights when they load, :class:`lib.onnx_backend.OnnxDecoder`). The
+            decoding rule is the same (:mod:`lib.decoding`).
     """
 
     def __init__(
@@ -170,7 +175,14 @@ class InteractiveSegmenter:
         max_states: int = 512,
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
+        backend: str = "torch",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnxruntime" and torch.device(device).type != "cpu":
+            raise ValueError("backend onnxruntime runs on the CPU: use device cpu, or backend torch on a GPU")
+        self.backend = backend
+        self._onnx_decoder: OnnxDecoder | None = None
         self.decode_threads = decode_threads
         self.encode_threads = encode_threads
         self.store = store
@@ -209,6 +221,8 @@ class InteractiveSegmenter:
             old = self._model_key
             with torch.inference_mode():
                 self._image_pe = model.prompt_encoder.get_dense_pe()
+            if self.backend == "onnxruntime":
+                self._onnx_decoder = OnnxDecoder.from_model(model, threads=self.decode_threads or 1)
             self._model, self._model_key, self._failed_key = model, key, None
             self.last_load_error = None
             self.cache.invalidate()
@@ -238,7 +252,7 @@ class InteractiveSegmenter:
             )
             with torch_threads(self.encode_threads):
                 entry = CachedEmbedding(model.encode(tensor), geometry)
-            entry.extras.update(prompt_independent_inputs(model, entry.features, self._image_pe))
+            entry.extras.update(self._decoder_inputs(model, entry.features))
         point = ViewPrompts(
             point_coords=np.array([[1.0, 1.0]]),
             point_labels=np.array([1]),
@@ -253,6 +267,13 @@ class InteractiveSegmenter:
             view_mask(geometry, low_res, self.decoding)
         del entry, low_res
         release_freed_memory()
+
+    def _decoder_inputs(self, model: SamMed2D, features: torch.Tensor) -> dict[str, Any]:
+        """What the decoder needs with ``features`` ``(1, C, h, w)`` whatever the prompt (a cache entry's extras)."""
+        extras: dict[str, Any] = prompt_independent_inputs(model, features, self._image_pe)
+        if self._onnx_decoder is not None:
+            extras["onnx_decoder"] = self._onnx_decoder
+        return extras
 
     # ----------------------------------------------------------------- images
     def source(self, path: str) -> tuple[ImageSource, bool]:
@@ -281,7 +302,7 @@ class InteractiveSegmenter:
             )
             with torch_threads(self.encode_threads):
                 features = model.encode(tensor)
-            extras = prompt_independent_inputs(model, features, self._image_pe)
+            extras = self._decoder_inputs(model, features)
         entry = CachedEmbedding(features=features, geometry=geometry, extras=extras)
         self.cache.put(key, entry)
         release_freed_memory(collect=False)  # the encoder's activations, so resident memory does not creep up

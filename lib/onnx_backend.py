@@ -1,85 +1,115 @@
 """Running the exported ONNX files (:mod:`lib.export`) with ONNX Runtime on CPU.
 
-:class:`OnnxSamMed2D` gives the two calls the server makes, encode and decode-all-outputs, with the same tensors in
-and out as the torch modules; which output is kept stays :mod:`lib.decoding`'s rule.
+:class:`OnnxDecoder` computes what the torch prompt encoder + mask decoder compute (every output token's logits and
+IoU); which output is kept and how the previous mask enters stay :mod:`lib.decoding`'s rule. The server uses it with
+``--conf backend onnxruntime``: the decoder is exported from the served weights in memory (a few MB), so a newly
+published model gets its own. :class:`OnnxSamMed2D` runs both files of ``python -m lib.export onnx``.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .export import DECODER_FILE, ENCODER_FILE
+from .export import DECODER_FILE, ENCODER_FILE, export_decoder
+from .modeling import SamMed2D
 
 
-class OnnxSamMed2D:
-    """ONNX Runtime sessions of ``image_encoder.onnx`` and ``decoder.onnx`` in ``onnx_dir``, ``threads`` intra-op."""
+def _session(model: str | Path | bytes, threads: int):
+    import onnxruntime as ort  # optional dependency: only this backend needs it
 
-    def __init__(self, onnx_dir: str | Path, threads: int = 2) -> None:
-        import onnxruntime as ort  # optional dependency: only this backend needs it
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle pool threads sleep instead of spinning: spinning threads would take the cores from torch and from the
+    # server's request handling between two calls.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle pool threads sleep instead of spinning: spinning threads would take the cores from torch and from
-        # the server's request handling between two calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(str(Path(onnx_dir) / ENCODER_FILE), options, providers=providers)
-        self.decoder = ort.InferenceSession(str(Path(onnx_dir) / DECODER_FILE), options, providers=providers)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``(1, 3, S, S)`` normalised image -> ``(1, C, h, w)`` image embedding."""
-        (features,) = self.encoder.run(None, {"image": images.detach().cpu().numpy().astype(np.float32)})
-        return torch.from_numpy(features)
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
 
-    def decode_all(
+
+class OnnxDecoder:
+    """ONNX Runtime session of ``decoder.onnx`` (a path, or the bytes of an in-memory export)."""
+
+    def __init__(self, model: str | Path | bytes, threads: int = 1) -> None:
+        self.session = _session(model, threads)
+        embedding = self.session.get_inputs()[0].shape  # (1, C, h, w)
+        self.mask_hw = (4 * embedding[2], 4 * embedding[3])
+
+    @classmethod
+    def from_model(cls, model: SamMed2D, threads: int = 1) -> OnnxDecoder:
+        """Export ``model``'s prompt encoder + mask decoder in memory and open it."""
+        buffer = io.BytesIO()
+        export_decoder(model, buffer)
+        return cls(buffer.getvalue(), threads)
+
+    def __call__(
         self,
         image_embeddings: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        mask_input: torch.Tensor | None = None,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every output token's low-res logits ``(B, T, 4h, 4w)`` and IoU ``(B, T)``.
+        """Every output token's low-res logits ``(R, T, 4h, 4w)`` and IoU ``(R, T)``, on ``image_embeddings``'s
+        device.
 
         Args:
             image_embeddings: ``(1, C, h, w)``.
-            point_coords: ``(B, N, 2)`` in the input frame, box corners included; ``point_labels``: ``(B, N)`` with
-                the ONNX convention of :mod:`lib.export` (2/3 box corners, -1 padding).
-            mask_input: ``(B, 1, 4h, 4w)`` mask prompt as the model takes it, or ``None``.
+            point_coords: ``(R, N, 2)`` (x, y) in the input frame; ``point_labels``: ``(R, N)`` 1/0.
+            boxes: ``(R, 4)`` XYXY in the input frame.
+            mask_input: ``(R, 1, 4h, 4w)`` mask prompt as the model takes it, or ``None``.
         """
-        rows = point_coords.shape[0]
-        _, _, height, width = image_embeddings.shape
+        coords, labels = onnx_prompts(point_coords, point_labels, boxes)
         has_mask = mask_input is not None
         if mask_input is None:
-            mask_input = torch.zeros(rows, 1, 4 * height, 4 * width)
+            mask_input = torch.zeros(coords.shape[0], 1, *self.mask_hw)
         feeds = {
-            "image_embeddings": image_embeddings.detach().cpu().numpy(),
-            "point_coords": point_coords.detach().cpu().numpy().astype(np.float32),
-            "point_labels": point_labels.detach().cpu().numpy().astype(np.float32),
-            "mask_input": mask_input.detach().cpu().numpy().astype(np.float32),
+            "image_embeddings": _numpy(image_embeddings),
+            "point_coords": _numpy(coords),
+            "point_labels": _numpy(labels),
+            "mask_input": _numpy(mask_input),
             "has_mask_input": np.array([float(has_mask)], dtype=np.float32),
         }
-        masks, iou = self.decoder.run(None, feeds)
-        return torch.from_numpy(masks), torch.from_numpy(iou)
+        masks, iou = self.session.run(None, feeds)
+        device = image_embeddings.device
+        return torch.from_numpy(masks).to(device), torch.from_numpy(iou).to(device)
+
+
+class OnnxSamMed2D:
+    """Both files of ``python -m lib.export onnx`` in ``onnx_dir``, ``threads`` intra-op threads each."""
+
+    def __init__(self, onnx_dir: str | Path, threads: int = 2) -> None:
+        self.encoder = _session(Path(onnx_dir) / ENCODER_FILE, threads)
+        self.decoder = OnnxDecoder(Path(onnx_dir) / DECODER_FILE, threads)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(1, 3, S, S)`` normalised image -> ``(1, C, h, w)`` image embedding."""
+        (features,) = self.encoder.run(None, {"image": _numpy(images)})
+        return torch.from_numpy(features)
 
 
 def onnx_prompts(
     point_coords: torch.Tensor | None, point_labels: torch.Tensor | None, boxes: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points ``(B, N, 2)``/``(B, N)`` and boxes ``(B, 4)`` -> the decoder's points and labels.
+    """Points ``(R, N, 2)``/``(R, N)`` and boxes ``(R, 4)`` -> the decoder's points ``(R, N', 2)`` and float labels.
 
-    As :class:`lib.modeling.PromptEncoder` does: box corners follow the points; without a box one padding point
-    ``(0, 0)`` labelled -1 ends the row.
+    As :class:`lib.modeling.PromptEncoder` does: box corners (labels 2, 3) follow the points; without a box one
+    padding point ``(0, 0)`` labelled -1 ends the row.
     """
     rows = (point_coords if point_coords is not None else boxes).shape[0]
-    coords = [point_coords] if point_coords is not None else []
-    labels = [point_labels.float()] if point_labels is not None else []
+    coords = [point_coords.cpu().float()] if point_coords is not None else []
+    labels = [point_labels.cpu().float()] if point_labels is not None else []
     if boxes is not None:
-        coords.append(boxes.reshape(rows, 2, 2))
+        coords.append(boxes.cpu().float().reshape(rows, 2, 2))
         labels.append(torch.tensor([[2.0, 3.0]]).expand(rows, -1))
     else:
         coords.append(torch.zeros(rows, 1, 2))

@@ -18,6 +18,8 @@ Conf keys (all optional):
 ``image_memory_mb`` loaded images kept in memory for further clicks, at most this many MB of pixels (default 1024;
                   the image being clicked is always kept)
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
+``backend``       ``torch`` (default) or ``onnxruntime``: the per-click prompt encoder + mask decoder run by ONNX
+                  Runtime (CPU; exported from the served weights when they load; same decoding rule and logits)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
@@ -124,6 +126,7 @@ class SamMed2DApp(MONAILabelApp):
             max_source_bytes=int(float(self.conf.get("image_memory_mb", 1024)) * 2**20),
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
             encode_threads=int(self.conf.get("encode_threads", 0)) or None,
+            backend=self.conf.get("backend", "torch"),
         )
         self.weights_warning: str | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
