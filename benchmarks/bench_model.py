@@ -19,8 +19,10 @@ reference.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -30,18 +32,25 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks import published_reference
 from lib.build import build_model
+from lib.checkpoint import load_model
 from lib.decoding import ServedDecoding, decode_rows
 from lib.embedding_cache import CachedEmbedding
 from lib.export import export_onnx
 from lib.modeling import SamMed2D
 from lib.onnx_backend import OnnxSamMed2D
+from lib.predictor import Predictor
+from lib.reduced_precision import cpu_has_native, set_encoder_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PUBLISHED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared")) / "reference/sam_med2d_official"
+SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))
+DEFAULT_PUBLISHED = SHARED / "reference/sam_med2d_official"
+GOLDEN = SHARED / "spec/golden_tiny"
+GOLDEN_CASES = ("one_point", "box", "three_points", "box_and_point")
 
 
 def published_model(code_dir: Path, ours: SamMed2D) -> torch.nn.Module:
@@ -78,6 +87,25 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, sync
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def golden_dice_change(precision: str, golden_dir: Path = GOLDEN) -> list[float]:
+    """Per golden case (:data:`GOLDEN_CASES`, golden tiny weights, the published predictor's preprocessing and
+    multimask choice): Dice of the mask with the ``precision`` encoder against the fp32 mask, minus 1."""
+    cases = np.load(golden_dir / "cases.npz")
+    config = json.loads((golden_dir / "meta.json").read_text())["config"]
+    masks = {}
+    for name in ("fp32", precision):
+        model = set_encoder_precision(load_model(golden_dir / "weights.pth", config), name)
+        predictor = Predictor(model, preprocess="predictor")
+        predictor.set_image(cases["image"])
+        masks[name] = []
+        for case in GOLDEN_CASES:
+            inputs = {k.split(".in.", 1)[1]: cases[k] for k in cases.files if k.startswith(f"{case}.in.")}
+            masks[name].append(predictor.predict(**inputs, multimask_output=True)[0][0])
+    return [
+        2 * (a & b).sum() / max(a.sum() + b.sum(), 1) - 1 for a, b in zip(masks[precision], masks["fp32"], strict=True)
+    ]
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -90,6 +118,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="encoder calls per implementation (median)")
     parser.add_argument("--clicks", type=int, default=40, help="clicks per prompt kind and implementation (median)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument(
+        "--precisions", nargs="*", default=["int8", "bf16"], help="reduced-precision encoder rows (int8, bf16)"
+    )
     args = parser.parse_args()
     with_onnx = not args.no_onnx and args.device == "cpu" and importlib.util.find_spec("onnxruntime") is not None
     torch.set_num_threads(args.threads)
@@ -126,6 +157,11 @@ def main() -> None:
         if runtime is not None:
             encoder_diff["ours onnxruntime"] = _max_diff(published.image_encoder(x), runtime.encode(x))
             encoders["ours onnxruntime"] = lambda: runtime.encode(x)
+        reduced = {}
+        for precision in args.precisions:
+            model = set_encoder_precision(copy.deepcopy(ours), precision)
+            reduced[precision] = _max_diff(model.encode(x), features) / features.abs().max().item()
+            encoders[f"ours torch {precision} encoder"] = lambda model=model: model.encode(x)
         encoder_s = alternating_medians(encoders, args.repeats, sync)
         entry = CachedEmbedding(features, None)
         onnx_entry = CachedEmbedding(features, None, {"onnx_decoder": runtime.decoder}) if runtime else None
@@ -172,11 +208,14 @@ def main() -> None:
     header = f"{'implementation':<34}{'encoder s':>10}{'point ms':>10}{'box ms':>9}{'pt+mask ms':>12}"
     print(header)
     print("-" * len(header))
+    columns = (("point", 10), ("box", 9), ("point+mask", 12))
     for name in encoder_s:
-        clicks = "".join(f"{click_ms[k][name]:>{w}.2f}" for k, w in (("point", 10), ("box", 9), ("point+mask", 12)))
+        clicks = "".join(f"{click_ms[k][name]:>{w}.2f}" if name in click_ms[k] else f"{'-':>{w}}" for k, w in columns)
         print(f"{name:<34}{encoder_s[name]:>10.3f}{clicks}")
     base = "published code"
-    for mine in list(encoder_s)[1:]:
+    for mine in click_ms["point"]:
+        if mine == base:
+            continue
         ratios = [click_ms[k][base] / click_ms[k][mine] for k in click_ms]
         print(
             f"speed-up of {mine} over the published code: encoder {encoder_s[base] / encoder_s[mine]:.2f}x, click "
@@ -186,6 +225,15 @@ def main() -> None:
     for name in encoder_diff:
         per_prompt = ", ".join(f"{k} {click_diff[k][name]:.1e}" for k in click_diff)
         print(f"  {name:<34} encoder {encoder_diff[name]:.1e}; {per_prompt}")
+
+    for precision, rel_diff in reduced.items():
+        dice = golden_dice_change(precision)
+        print(
+            f"{precision} encoder (native on this CPU: {'yes' if cpu_has_native(precision) else 'no'}): "
+            f"{encoder_s['ours torch'] / encoder_s[f'ours torch {precision} encoder']:.2f}x the fp32 encoder, "
+            f"largest embedding difference {rel_diff:.1e} of its range; golden cases' Dice change against fp32 "
+            f"{', '.join(f'{d:+.4f}' for d in dice)} (worst {min(dice):+.4f})"
+        )
 
 
 if __name__ == "__main__":

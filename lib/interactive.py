@@ -31,6 +31,7 @@ from .modeling import SamMed2D
 from .onnx_backend import OnnxDecoder
 from .preprocessing import preprocess_image
 from .prompt_inputs import ViewPrompts
+from .reduced_precision import PRECISIONS, set_encoder_precision
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime")
@@ -162,6 +163,7 @@ class InteractiveSegmenter:
         backend: ``torch``, or ``onnxruntime`` to run the prompt encoder + mask decoder with ONNX Runtime (CPU
             only; exported from the served weights when they load, :class:`lib.onnx_backend.OnnxDecoder`). The
             decoding rule is the same (:mod:`lib.decoding`).
+        encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.reduced_precision`.
     """
 
     def __init__(
@@ -176,7 +178,11 @@ class InteractiveSegmenter:
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
         backend: str = "torch",
+        encoder_precision: str = "fp32",
     ) -> None:
+        if encoder_precision not in PRECISIONS:
+            raise ValueError(f"encoder precision must be one of {PRECISIONS}, got {encoder_precision!r}")
+        self.encoder_precision = encoder_precision
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "onnxruntime" and torch.device(device).type != "cpu":
@@ -218,6 +224,7 @@ class InteractiveSegmenter:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
+            set_encoder_precision(model, self.encoder_precision)
             old = self._model_key
             with torch.inference_mode():
                 self._image_pe = model.prompt_encoder.get_dense_pe()

@@ -20,6 +20,8 @@ Conf keys (all optional):
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
 ``backend``       ``torch`` (default) or ``onnxruntime``: the per-click prompt encoder + mask decoder run by ONNX
                   Runtime (CPU; exported from the served weights when they load; same decoding rule and logits)
+``encoder_precision`` ``fp32`` (default), ``int8`` (dynamic quantisation of the encoder's linear layers, CPU with VNNI)
+                  or ``bf16`` (autocast): faster encoding, slightly different masks (``make bench`` prints both)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
@@ -127,6 +129,7 @@ class SamMed2DApp(MONAILabelApp):
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
             encode_threads=int(self.conf.get("encode_threads", 0)) or None,
             backend=self.conf.get("backend", "torch"),
+            encoder_precision=self.conf.get("encoder_precision", "fp32"),
         )
         self.weights_warning: str | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
