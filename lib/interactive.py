@@ -203,6 +203,7 @@ class InteractiveSegmenter:
         self._failed_key: str | None = None
         self._lock = threading.RLock()
         self.last_load_error: str | None = None
+        self._last_click = time.monotonic()
 
     # ------------------------------------------------------------------ model
     def model(self) -> tuple[SamMed2D, str]:
@@ -367,6 +368,7 @@ class InteractiveSegmenter:
             client_id, label: whose interaction this is; the previous mask of the same client, image, view and label
                 is the mask prompt unless ``reset``.
         """
+        self._last_click = time.monotonic()
         times: dict[str, float] = {}
         with self._lock:
             t = time.perf_counter()
@@ -415,6 +417,10 @@ class InteractiveSegmenter:
                 prompts.multimask_output,
             )
         return low_res, iou[0]
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last click began (since start before the first): background work waits for idle."""
+        return time.monotonic() - self._last_click
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -193,7 +193,11 @@ class SamMed2DApp(MONAILabelApp):
     # ------------------------------------------------------------ server life
     def on_init_complete(self) -> None:
         """Server start: fetch the published weights if needed, then load the model so the first click only encodes."""
+        # MONAI Label starts scoring every unlabeled image here, in a second process with its own copy of the weights,
+        # competing with the first clicks; the retraining scheduler starts it once no click came for a while.
+        auto_scoring, self._auto_update_scoring = self._auto_update_scoring, False
         super().on_init_complete()
+        self._auto_update_scoring = auto_scoring
         store = self.model_store
         if store.serving_path() is None and self.download and not self.conf.get("checkpoint"):
             try:

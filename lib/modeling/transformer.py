@@ -35,9 +35,10 @@ class Attention(nn.Module):
         return self._separate_heads(proj(x))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Projected heads (see :meth:`heads`) -> ``(B, Nq, C)``; a batch of 1 in ``k`` and ``v`` is shared."""
-        if k.shape[0] != q.shape[0]:
-            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        """Projected heads (see :meth:`heads`) -> ``(B, Nq, C)``; a batch of 1 (prompt-independent terms computed
+        once per image) is shared by the B prompt rows."""
+        batch = max(q.shape[0], k.shape[0])
+        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
