@@ -182,6 +182,8 @@ class InteractiveSegmenter:
     ) -> None:
         if encoder_precision not in PRECISIONS:
             raise ValueError(f"encoder precision must be one of {PRECISIONS}, got {encoder_precision!r}")
+        if encoder_precision == "int8" and torch.device(device).type != "cpu":
+            raise ValueError("encoder precision int8 runs on the CPU: use bf16 on a GPU")
         self.encoder_precision = encoder_precision
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
