@@ -1,136 +1,239 @@
-"""Speed and memory of the SAM-Med2D model library against the published forward math.
+"""Speed of the SAM-Med2D model library against the published SAM-Med2D code itself, in one process.
 
-Run: ``make bench`` (or ``.venv/bin/python -m benchmarks.bench_model [--repeats 5] [--clicks 30]``).
+Run: ``make bench`` (or ``.venv/bin/python -m benchmarks.bench_model [--threads 2] [--repeats 5] [--clicks 40]
+[--published-code DIR]``).
 
-Each implementation runs in its own process (so peak memory is its own): ViT-B with adapters at 256, fp32,
-seeded random weights (speed does not depend on the values). Rows: encoder median seconds; decoder median ms per
-click on a 512x512 image for a point, a box and a point with the previous mask (prompt encoding, decoding, best-mask
-selection and upsampling to the image, i.e. a whole ``predict``); peak resident memory. Where CUDA is available the
-same rows are measured on the GPU in fp32 and bf16 (autocast).
+Both networks are ViT-B with adapters at 256, fp32, holding the same seeded random weights (speed does not depend on
+the values): the published ``segment_anything`` package is imported from ``--published-code`` (a checkout of
+https://github.com/OpenGVLab/SAM-Med2D; default ``../shared/reference/sam_med2d_official``) at run time and given
+this library's state dict. Calls alternate between implementations and each row is a median, so that a busy machine
+slows all rows alike.
+
+Rows: the image encoder (seconds per image); a click (ms): prompt encoder + mask decoder with
+``multimask_output=True`` and the best predicted IoU kept, which is what the server decodes per click, for one point,
+a box and a point with the previous mask. The largest difference of each output from the published code's is printed
+next to it, and so is the re-implemented published math (:mod:`benchmarks.published_reference`), kept as a fidelity
+reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
+import importlib.util
 import json
-import multiprocessing as mp
-import resource
+import os
 import statistics
+import sys
+import tempfile
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks import published_reference
 from lib.build import build_model
+from lib.checkpoint import load_model
+from lib.decoding import ServedDecoding, decode_rows
+from lib.embedding_cache import CachedEmbedding
+from lib.export import export_onnx
+from lib.modeling import SamMed2D
+from lib.onnx_backend import OnnxSamMed2D
 from lib.predictor import Predictor
-from lib.preprocessing import frame_geometry
+from lib.reduced_precision import cpu_has_native, set_encoder_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))
+DEFAULT_PUBLISHED = SHARED / "reference/sam_med2d_official"
+GOLDEN = SHARED / "spec/golden_tiny"
+GOLDEN_CASES = ("one_point", "box", "three_points", "box_and_point")
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def published_model(code_dir: Path, ours: SamMed2D) -> torch.nn.Module:
+    """The published ``Sam`` (ViT-B, adapters, 256) built by its own ``build_sam`` and given ``ours``'s weights.
+
+    The package's ``__init__`` imports its predictors, which need torchvision for image resizing; only
+    ``build_sam`` and ``modeling`` are needed here, so the package is registered without running its ``__init__``.
+    """
+    package_dir = code_dir / "segment_anything"
+    if not (package_dir / "build_sam.py").is_file():
+        raise SystemExit(f"no published segment_anything package in {code_dir} (--published-code)")
+    package = types.ModuleType("segment_anything")
+    package.__path__ = [str(package_dir)]
+    sys.modules["segment_anything"] = package
+    build_sam = importlib.import_module("segment_anything.build_sam")
+    args = argparse.Namespace(image_size=ours.config.image_size, sam_checkpoint=None, encoder_adapter=True)
+    model = build_sam.sam_model_registry["vit_b"](args)
+    model.load_state_dict(ours.state_dict(), strict=True)
+    return model.to(ours.device).eval()
+
+
+def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict:
+    """Median seconds of each function, calling them in turn ``repeats`` times after one warm-up call each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _measure(impl: str, device: str, dtype: str, repeats: int, clicks: int, queue: mp.Queue) -> None:
-    torch.manual_seed(0)
-    model = build_model("vit_b").to(device).eval()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    x = torch.randn(1, 3, 256, 256, device=device)
-    point, label = np.array([[200.0, 220.0]]), np.array([1])
-    box = np.array([120.0, 140.0, 330.0, 360.0])
-    with torch.inference_mode(), autocast:
-        if impl == "published":
-            encode = lambda: published_reference.encode(model.image_encoder, x)  # noqa: E731
-        else:
-            encode = lambda: model.encode(x)  # noqa: E731
-        encoder_s = _median_seconds(encode, repeats, sync)
+def golden_dice_change(precision: str, golden_dir: Path = GOLDEN) -> list[float]:
+    """Per golden case (:data:`GOLDEN_CASES`, golden tiny weights, the published predictor's preprocessing and
+    multimask choice): Dice of the mask with the ``precision`` encoder against the fp32 mask, minus 1."""
+    cases = np.load(golden_dir / "cases.npz")
+    config = json.loads((golden_dir / "meta.json").read_text())["config"]
+    masks = {}
+    for name in ("fp32", precision):
+        model = set_encoder_precision(load_model(golden_dir / "weights.pth", config), name)
         predictor = Predictor(model, preprocess="predictor")
-        predictor.set_image(image)
-        geometry = frame_geometry((512, 512), 256, "predictor")
-        low_res = predictor.predict(point_coords=point, point_labels=label)[2]
-
-        def published_click(coords, labels, boxes, mask, multimask):
-            t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-            coords_t = None if coords is None else t(geometry.points_to_input(coords))[None]
-            labels_t = None if labels is None else torch.as_tensor(labels, device=device)[None]
-            boxes_t = None if boxes is None else t(geometry.boxes_to_input(boxes))[None]
-            mask_t = None if mask is None else t(mask)[None]
-            low, iou = published_reference.decode(
-                model, predictor.features, coords_t, labels_t, boxes_t, mask_t, multimask
-            )
-            return (geometry.masks_to_original(low.float()) > 0).cpu().numpy(), iou.float().cpu().numpy()
-
-        def ours_click(coords, labels, boxes, mask, multimask):
-            return predictor.predict(coords, labels, boxes, mask, multimask_output=multimask)
-
-        click = published_click if impl == "published" else ours_click
-        cases = {
-            "point": (point, label, None, None, True),
-            "box": (None, None, box, None, False),
-            "point+mask": (point, label, None, low_res, False),
-        }
-        decoder_ms = {
-            name: 1000 * _median_seconds(lambda a=prompt: click(*a), clicks, sync) for name, prompt in cases.items()
-        }
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    queue.put({"encoder_s": encoder_s, "decoder_ms": decoder_ms, "peak_mb": peak_mb})
+        predictor.set_image(cases["image"])
+        masks[name] = []
+        for case in GOLDEN_CASES:
+            inputs = {k.split(".in.", 1)[1]: cases[k] for k in cases.files if k.startswith(f"{case}.in.")}
+            masks[name].append(predictor.predict(**inputs, multimask_output=True)[0][0])
+    return [
+        2 * (a & b).sum() / max(a.sum() + b.sum(), 1) - 1 for a, b in zip(masks[precision], masks["fp32"], strict=True)
+    ]
 
 
-def measure(impl: str, device: str, dtype: str, repeats: int, clicks: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(impl, device, dtype, repeats, clicks, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="encoder runs (median)")
-    parser.add_argument("--clicks", type=int, default=30, help="clicks per prompt kind (median)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--published-code", type=Path, default=DEFAULT_PUBLISHED, help="published SAM-Med2D checkout")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=5, help="encoder calls per implementation (median)")
+    parser.add_argument("--clicks", type=int, default=40, help="clicks per prompt kind and implementation (median)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument(
+        "--precisions", nargs="*", default=["int8", "bf16"], help="reduced-precision encoder rows (int8, bf16)"
+    )
     args = parser.parse_args()
-    runs = [("published", "cpu", "fp32"), ("ours", "cpu", "fp32")]
-    if torch.cuda.is_available():
-        runs += [("published", "cuda", "fp32"), ("ours", "cuda", "fp32"), ("ours", "cuda", "bf16")]
-    results = {run: measure(*run, args.repeats, args.clicks) for run in runs}
-    print(f"SAM-Med2D ViT-B + adapters, 256 input; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    header = f"{'implementation':<24}{'encoder s':>10}{'point ms':>10}{'box ms':>9}{'pt+mask ms':>12}{'peak MB':>9}"
+    with_onnx = not args.no_onnx and args.device == "cpu" and importlib.util.find_spec("onnxruntime") is not None
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    torch.manual_seed(0)
+    ours = build_model("vit_b").to(device).eval()
+    published = published_model(args.published_code, ours)
+    x = torch.randn(1, 3, 256, 256, device=device)
+    point = torch.tensor([[[100.0, 110.0]]], device=device)
+    label = torch.ones(1, 1, dtype=torch.int64, device=device)
+    box = torch.tensor([[60.0, 70.0, 165.0, 180.0]], device=device)
+    # The previous mask enters as logits, as the published predictor passes it.
+    decoding = ServedDecoding(mask_prompt="logits")
+
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {' '.join(sys.argv)}")
+    print(
+        f"SAM-Med2D ViT-B + adapters, 256 input, fp32; torch {torch.__version__}, {args.device}, "
+        f"{torch.get_num_threads()} threads; published code from {args.published_code}"
+    )
+    runtime = None
+    if with_onnx:
+        with tempfile.TemporaryDirectory() as onnx_dir:
+            export_onnx(ours, onnx_dir)
+            runtime = OnnxSamMed2D(onnx_dir, threads=args.threads)
+    with torch.inference_mode():
+        features = ours.encode(x)
+        encoder_diff = {
+            "published math (re-implemented)": _max_diff(published_reference.encode(ours.image_encoder, x), features),
+            "ours torch": _max_diff(published.image_encoder(x), features),
+        }
+        encoders = {"published code": lambda: published.image_encoder(x), "ours torch": lambda: ours.encode(x)}
+        if runtime is not None:
+            encoder_diff["ours onnxruntime"] = _max_diff(published.image_encoder(x), runtime.encode(x))
+            encoders["ours onnxruntime"] = lambda: runtime.encode(x)
+        reduced = {}
+        for precision in args.precisions:
+            model = set_encoder_precision(copy.deepcopy(ours), precision)
+            reduced[precision] = _max_diff(model.encode(x), features) / features.abs().max().item()
+            encoders[f"ours torch {precision} encoder"] = lambda model=model: model.encode(x)
+        encoder_s = alternating_medians(encoders, args.repeats, sync)
+        entry = CachedEmbedding(features, None)
+        onnx_entry = CachedEmbedding(features, None, {"onnx_decoder": runtime.decoder}) if runtime else None
+
+        def published_click(points, boxes, mask):
+            sparse, dense = published.prompt_encoder(points, boxes, mask)
+            image_pe = published.prompt_encoder.get_dense_pe()
+            masks, iou = published.mask_decoder(features, image_pe, sparse, dense, multimask_output=True)
+            best = iou.argmax(dim=1)
+            return masks[torch.arange(len(best)), best][:, None], iou.max(dim=1).values
+
+        previous = published_click((point, label), None, None)[0]
+        prompts = {
+            "point": ((point, label), None, None),
+            "box": (None, box, None),
+            "point+mask": ((point, label), None, previous),
+        }
+        click_ms, click_diff = {}, {}
+        for kind, (points, boxes, mask) in prompts.items():
+            coords, labels = points if points is not None else (None, None)
+
+            def ours_click(coords=coords, labels=labels, boxes=boxes, mask=mask):
+                return decode_rows(ours, entry, decoding, coords, labels, boxes, mask)
+
+            def reference_click(points=points, boxes=boxes, mask=mask):
+                return published_reference.decode(ours, features, *(points or (None, None)), boxes, mask, True)
+
+            expected = published_click(points, boxes, mask)[0]
+            click_diff[kind] = {
+                "published math (re-implemented)": _max_diff(reference_click()[0], expected),
+                "ours torch": _max_diff(ours_click()[0], expected),
+            }
+            clicks = {"published code": lambda p=(points, boxes, mask): published_click(*p), "ours torch": ours_click}
+            if runtime is not None:
+
+                def onnx_click(coords=coords, labels=labels, boxes=boxes, mask=mask):
+                    return decode_rows(ours, onnx_entry, decoding, coords, labels, boxes, mask)
+
+                click_diff[kind]["ours onnxruntime"] = _max_diff(onnx_click()[0], expected)
+                clicks["ours onnxruntime"] = onnx_click
+            medians = alternating_medians(clicks, args.clicks, sync)
+            click_ms[kind] = {name: 1000 * s for name, s in medians.items()}
+
+    header = f"{'implementation':<34}{'encoder s':>10}{'point ms':>10}{'box ms':>9}{'pt+mask ms':>12}"
     print(header)
     print("-" * len(header))
-    for (impl, device, dtype), r in results.items():
-        d = r["decoder_ms"]
-        name = f"{impl} {device} {dtype}"
+    columns = (("point", 10), ("box", 9), ("point+mask", 12))
+    for name in encoder_s:
+        clicks = "".join(f"{click_ms[k][name]:>{w}.2f}" if name in click_ms[k] else f"{'-':>{w}}" for k, w in columns)
+        print(f"{name:<34}{encoder_s[name]:>10.3f}{clicks}")
+    base = "published code"
+    for mine in click_ms["point"]:
+        if mine == base:
+            continue
+        ratios = [click_ms[k][base] / click_ms[k][mine] for k in click_ms]
         print(
-            f"{name:<24}{r['encoder_s']:>10.3f}{d['point']:>10.2f}{d['box']:>9.2f}{d['point+mask']:>12.2f}"
-            f"{r['peak_mb']:>9.0f}"
+            f"speed-up of {mine} over the published code: encoder {encoder_s[base] / encoder_s[mine]:.2f}x, click "
+            f"(prompt encoder + mask decoder, multimask) {min(ratios):.2f}x to {max(ratios):.2f}x"
         )
-    for device in ("cpu", "cuda"):
-        base, ours = results.get(("published", device, "fp32")), results.get(("ours", device, "fp32"))
-        if base and ours:
-            speedups = [base["decoder_ms"][k] / ours["decoder_ms"][k] for k in ours["decoder_ms"]]
-            print(
-                f"speed-up on {device}: encoder {base['encoder_s'] / ours['encoder_s']:.2f}x, decoder "
-                f"{min(speedups):.2f}x to {max(speedups):.2f}x"
-            )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({" ".join(k): v for k, v in results.items()}, f, indent=2)
+    print("largest |difference| from the published code's output (encoder features; kept low-res logits per prompt):")
+    for name in encoder_diff:
+        per_prompt = ", ".join(f"{k} {click_diff[k][name]:.1e}" for k in click_diff)
+        print(f"  {name:<34} encoder {encoder_diff[name]:.1e}; {per_prompt}")
+
+    for precision, rel_diff in reduced.items():
+        dice = golden_dice_change(precision)
+        print(
+            f"{precision} encoder (native on this CPU: {'yes' if cpu_has_native(precision) else 'no'}): "
+            f"{encoder_s['ours torch'] / encoder_s[f'ours torch {precision} encoder']:.2f}x the fp32 encoder, "
+            f"largest embedding difference {rel_diff:.1e} of its range; golden cases' Dice change against fp32 "
+            f"{', '.join(f'{d:+.4f}' for d in dice)} (worst {min(dice):+.4f})"
+        )
 
 
 if __name__ == "__main__":

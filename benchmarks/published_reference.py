@@ -1,7 +1,8 @@
 """The published SAM-Med2D forward math, re-expressed over this project's modules and weights.
 
-Used as the speed baseline of ``bench_model.py`` and by a test that checks the optimised encoder and decoder equal
-it on shapes the goldens do not cover. It computes what the published code computes, the way it computes it:
+Printed by ``bench_model.py`` as a fidelity reference next to the published code itself (the speed baseline), and
+used by a test that checks the optimised encoder and decoder equal it on shapes the goldens do not cover. It
+computes what the published code computes, the way it computes it:
 ``qkv`` on window-padded tokens, relative-position bias added with separate passes, the adapter's convolutions on
 permuted views with ``ConvTranspose2d``, the dense positional encoding recomputed per call, and explicit
 softmax attention in the decoder.

@@ -256,12 +256,17 @@ class SamMed2DInfer(BasicInferTask):
         ext, label_dtype, compress = data["result_format"]
         label = data["pred"].astype(label_dtype, copy=False)
         fd, output = tempfile.mkstemp(suffix=ext, prefix="sam_med2d_")
-        os.close(fd)
         if ext in PICTURE_RESULTS:
             from PIL import Image
 
-            Image.fromarray(label).save(output, compress_level=1)
-        elif label.ndim == 3:  # a propagated (K, J, I) label: the whole volume, ITK index order
+            # Through the descriptor mkstemp opened. Saved by path (PIL reopens it), the file cost 4-5 ms more per
+            # click on the development machine's disk, paid at write or at deletion (MONAI Label deletes it after
+            # answering, while the next click runs); encoding a 512x512 mask takes 0.7 ms.
+            with os.fdopen(fd, "wb") as file:
+                Image.fromarray(label).save(file, format=Image.registered_extensions()[ext], compress_level=1)
+            return output, dict(data.get("result", {}))
+        os.close(fd)
+        if label.ndim == 3:  # a propagated (K, J, I) label: the whole volume, ITK index order
             write_label(label.transpose(2, 1, 0), output, source.affine, compress)
         elif source.is_volume and ext.endswith(".nrrd"):
             write_slice_label_nrrd(output, source.pixels.shape[:3], data["label_slice"], label, source.affine, compress)

@@ -79,14 +79,17 @@ def prompt_independent_inputs(
     """What the decoder needs with an image embedding ``(1, C, h, w)`` whatever the prompt.
 
     Returns ``image_pe`` ``(1, C, h, w)`` (the dense positional encoding: it depends on the weights only, so pass
-    the model's one and every entry shares it) and ``src_no_mask`` = features + the dense embedding used when there
-    is no mask prompt (what the decoder's transformer reads).
+    the model's one and every entry shares it), ``src_no_mask`` = features + the dense embedding used when there
+    is no mask prompt (what the decoder's transformer reads) and, under ``first_layer.*``, the transformer's first
+    projections of ``src_no_mask`` (:meth:`TwoWayTransformer.first_layer_terms`).
     """
     prompt_encoder = model.prompt_encoder
     if image_pe is None:
         image_pe = prompt_encoder.get_dense_pe()
     no_mask_dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-    return {"image_pe": image_pe, "src_no_mask": features + no_mask_dense}
+    src_no_mask = features + no_mask_dense
+    first_layer = model.mask_decoder.transformer.first_layer_terms(src_no_mask, image_pe)
+    return {"image_pe": image_pe, "src_no_mask": src_no_mask, **{f"first_layer.{k}": v for k, v in first_layer.items()}}
 
 
 def decode_rows(
@@ -104,7 +107,8 @@ def decode_rows(
     Args:
         model: the network.
         entry: the image's embedding ``features`` ``(1, C, h, w)``; its ``extras`` hold
-            :func:`prompt_independent_inputs` (computed here when absent).
+            :func:`prompt_independent_inputs` (computed here when absent), and ``onnx_decoder`` where the server
+            decodes with ONNX Runtime.
         decoding: the rule (mask prompt form, default multimask).
         point_coords: ``(R, N, 2)`` (x, y); ``point_labels``: ``(R, N)`` 1 foreground, 0 background.
         boxes: ``(R, 4)`` XYXY.
@@ -116,13 +120,22 @@ def decode_rows(
     """
     if not entry.extras:
         entry.extras.update(prompt_independent_inputs(model, entry.features))
-    points = (point_coords, point_labels) if point_coords is not None else None
-    sparse, _ = model.prompt_encoder(points, boxes, None)
-    if previous_low_res is None:
-        src = entry.extras["src_no_mask"]
+    onnx_decoder = entry.extras.get("onnx_decoder")
+    if onnx_decoder is not None:
+        # --conf backend onnxruntime: the same outputs from ONNX Runtime (lib.onnx_backend.OnnxDecoder).
+        mask = None if previous_low_res is None else decoding.mask_input(previous_low_res)
+        masks, iou = onnx_decoder(entry.features, point_coords, point_labels, boxes, mask)
     else:
-        src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
-    masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, _ = model.prompt_encoder(points, boxes, None)
+        first_layer = None
+        if previous_low_res is None:
+            src = entry.extras["src_no_mask"]
+            first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
+            first_layer = first_layer or None  # extras made without them: computed per click
+        else:
+            src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
+        masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse, first_layer)
     multimask = decoding.multimask_output if multimask_output is None else multimask_output
     # Multimask: the best of outputs 1..3 (the published decoder's multimask slice); otherwise output 0.
     best = iou[:, 1:].argmax(dim=1) + 1 if multimask else torch.zeros_like(iou[:, 0], dtype=torch.long)

@@ -28,11 +28,14 @@ from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from .image_source import ImageSource, fingerprint, read_image
 from .model_store import ModelStore
 from .modeling import SamMed2D
+from .onnx_backend import OnnxDecoder
 from .preprocessing import preprocess_image
 from .prompt_inputs import PropagationRequest, ViewPrompts
 from .propagation import SliceMask, Stop, VolumeLabel, propagate_direction
+from .reduced_precision import PRECISIONS, set_encoder_precision
 
 logger = logging.getLogger(__name__)
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclasses.dataclass
@@ -182,6 +185,10 @@ class InteractiveSegmenter:
             when other processes (a training run) share the cores.
         encode_threads: intra-op threads for the image encoder (``None``: torch's setting). OpenMP threads that
             wait for a descheduled sibling spin: on a busy machine two threads can take several times as long as one.
+        backend: ``torch``, or ``onnxruntime`` to run the prompt encoder + mask decoder with ONNX Runtime (CPU
+            only; exported from the served weights when they load, :class:`lib.onnx_backend.OnnxDecoder`). The
+            decoding rule is the same (:mod:`lib.decoding`).
+        encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.reduced_precision`.
     """
 
     def __init__(
@@ -197,7 +204,20 @@ class InteractiveSegmenter:
         max_volume_bytes: int = 256 * 2**20,
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
+        backend: str = "torch",
+        encoder_precision: str = "fp32",
     ) -> None:
+        if encoder_precision not in PRECISIONS:
+            raise ValueError(f"encoder precision must be one of {PRECISIONS}, got {encoder_precision!r}")
+        if encoder_precision == "int8" and torch.device(device).type != "cpu":
+            raise ValueError("encoder precision int8 runs on the CPU: use bf16 on a GPU")
+        self.encoder_precision = encoder_precision
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnxruntime" and torch.device(device).type != "cpu":
+            raise ValueError("backend onnxruntime runs on the CPU: use device cpu, or backend torch on a GPU")
+        self.backend = backend
+        self._onnx_decoder: OnnxDecoder | None = None
         self.decode_threads = decode_threads
         self.encode_threads = encode_threads
         self.store = store
@@ -213,6 +233,7 @@ class InteractiveSegmenter:
         self._failed_key: str | None = None
         self._lock = threading.RLock()
         self.last_load_error: str | None = None
+        self._last_click = time.monotonic()
 
     # ------------------------------------------------------------------ model
     def model(self) -> tuple[SamMed2D, str]:
@@ -234,9 +255,12 @@ class InteractiveSegmenter:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
+            set_encoder_precision(model, self.encoder_precision)
             old = self._model_key
             with torch.inference_mode():
                 self._image_pe = model.prompt_encoder.get_dense_pe()
+            if self.backend == "onnxruntime":
+                self._onnx_decoder = OnnxDecoder.from_model(model, threads=self.decode_threads or 1)
             self._model, self._model_key, self._failed_key = model, key, None
             self.last_load_error = None
             self.cache.invalidate()
@@ -267,7 +291,7 @@ class InteractiveSegmenter:
             )
             with torch_threads(self.encode_threads):
                 entry = CachedEmbedding(model.encode(tensor), geometry)
-            entry.extras.update(prompt_independent_inputs(model, entry.features, self._image_pe))
+            entry.extras.update(self._decoder_inputs(model, entry.features))
         point = ViewPrompts(
             point_coords=np.array([[1.0, 1.0]]),
             point_labels=np.array([1]),
@@ -282,6 +306,13 @@ class InteractiveSegmenter:
             view_mask(geometry, low_res, self.decoding)
         del entry, low_res
         release_freed_memory()
+
+    def _decoder_inputs(self, model: SamMed2D, features: torch.Tensor) -> dict[str, Any]:
+        """What the decoder needs with ``features`` ``(1, C, h, w)`` whatever the prompt (a cache entry's extras)."""
+        extras: dict[str, Any] = prompt_independent_inputs(model, features, self._image_pe)
+        if self._onnx_decoder is not None:
+            extras["onnx_decoder"] = self._onnx_decoder
+        return extras
 
     # ----------------------------------------------------------------- images
     def source(self, path: str) -> tuple[ImageSource, bool]:
@@ -332,7 +363,7 @@ class InteractiveSegmenter:
                     features = model.encode(torch.cat([tensor for tensor, _ in inputs]))
                 for row, (i, (_, geometry)) in enumerate(zip(missing, inputs, strict=True)):
                     view_features = features[row : row + 1].clone()  # its own storage, so the cache sizes it alone
-                    extras = prompt_independent_inputs(model, view_features, self._image_pe)
+                    extras = self._decoder_inputs(model, view_features)
                     found[i] = CachedEmbedding(features=view_features, geometry=geometry, extras=extras)
                     self.cache.put(keys[i], found[i])
             del features
@@ -396,6 +427,7 @@ class InteractiveSegmenter:
             client_id, label: whose interaction this is; the previous mask of the same client, image, view and label
                 is the mask prompt unless ``reset``.
         """
+        self._last_click = time.monotonic()
         times: dict[str, float] = {}
         with self._lock:
             t = time.perf_counter()
@@ -504,6 +536,10 @@ class InteractiveSegmenter:
                 prompts.multimask_output,
             )
         return low_res, iou[0]
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last click began (since start before the first): background work waits for idle."""
+        return time.monotonic() - self._last_click
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,8 @@ import torch
 
 from benchmarks import published_reference
 from lib.build import build_model
+from lib.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
+from lib.embedding_cache import CachedEmbedding
 
 CONFIG = dict(
     image_size=320,
@@ -59,3 +61,19 @@ def test_batched_decoder_equals_published_math_per_row(model, multimask):
             )  # fmt: skip
             torch.testing.assert_close(low_res[row : row + 1], ref_low, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(iou[row : row + 1], ref_iou, atol=1e-5, rtol=1e-4)
+
+
+def test_served_rows_with_cached_image_terms_equal_published_math_per_row(model):
+    """decode_rows reuses the image's prompt-independent decoder terms (computed once, batch 1) for R prompt rows."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        embedding = model.encode(torch.randn(1, 3, 320, 320))
+        entry = CachedEmbedding(embedding, None, prompt_independent_inputs(model, embedding))
+        coords, labels = torch.rand(3, 2, 2) * 320, torch.tensor([[1, 0], [1, 1], [0, 1]])
+        low_res, iou = decode_rows(model, entry, ServedDecoding(), coords, labels)
+        for row in range(3):
+            ref_low, ref_iou = published_reference.decode(
+                model, embedding, coords[row : row + 1], labels[row : row + 1], None, None, True
+            )
+            torch.testing.assert_close(low_res[row : row + 1], ref_low, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(iou[row], ref_iou[0, 0], atol=1e-5, rtol=1e-4)

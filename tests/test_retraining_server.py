@@ -96,6 +96,7 @@ def server(tmp_path, data_dir, golden_dir):
         "retrain_poll_seconds": 1,
         "retrain_params": json.dumps(TRAIN, separators=(",", ":")),  # the launcher splits on spaces
         "uncertainty_refresh": "true",
+        "uncertainty_idle_seconds": 2,
     }
     # MONAI Label's own scoring after every /activelearning call would queue one scoring process per label on top of
     # the training run (two CPUs here); the scheduler keeps the scores current by itself (uncertainty_refresh).

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -90,6 +91,8 @@ class SamUncertaintyScoring(ScoringMethod):
                 "(--conf uncertainty_on_pacs true to score anyway)"
             )
             return {"model_version": self.model_store.active_version(), "scored": 0, "skipped": "DICOMweb datastore"}
+        if request.get("background") and hasattr(os, "nice"):
+            os.nice(10)  # the scoring process (started by the retraining scheduler) yields the cores to clicks
         if self.device == "cpu" and self.threads > 0:
             torch.set_num_threads(self.threads)
         version = self.model_store.active_version()

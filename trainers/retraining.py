@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 ACTIVE = ("SUBMITTED", "RUNNING")
 SCORING_BACKOFF_SECONDS = 30.0
+SCORING_IDLE_SECONDS = 30.0
 
 
 def final_label_stamps(datastore: Datastore, refresh: bool = False) -> dict[str, str]:
@@ -85,6 +86,8 @@ class RetrainingScheduler:
         model: the train task to run.
         train_params: request parameters of the runs it starts (e.g. ``{"max_epochs": 2}``).
         rescore: scoring methods to start whenever :func:`trainers.active_learning.scores_missing` finds work.
+        scoring_idle_seconds: start them only when no click came for this long (the app's ``segmenter``): scoring
+            runs in a second process that would share the cores with the clicks (its priority is lowered too).
     """
 
     def __init__(
@@ -94,8 +97,10 @@ class RetrainingScheduler:
         model: str,
         train_params: Mapping[str, Any] | None = None,
         rescore: tuple[str, ...] = (),
+        scoring_idle_seconds: float = SCORING_IDLE_SECONDS,
     ) -> None:
         self.app = app
+        self.scoring_idle_seconds = scoring_idle_seconds
         self.store: ModelStore = app.model_store
         self.model = model
         self.train_params = dict(train_params or {})
@@ -163,6 +168,9 @@ class RetrainingScheduler:
         """Start the scoring task when images lack a score from the serving model (not while training)."""
         if not self.rescore or time.monotonic() - self._last_scoring < SCORING_BACKOFF_SECONDS:
             return
+        segmenter = getattr(self.app, "segmenter", None)
+        if segmenter is not None and segmenter.idle_seconds() < self.scoring_idle_seconds:
+            return
         if any(t.get("status") in ACTIVE for t in tasks("scoring")):
             return
         self._last_scoring = time.monotonic()
@@ -174,7 +182,7 @@ class RetrainingScheduler:
                 f"Retraining scheduler: {missing} unlabeled images lack a {method} score from "
                 f"{self.store.active_version()}; scoring"
             )
-            AsyncTask.run("scoring", request={"method": method})
+            AsyncTask.run("scoring", request={"method": method, "background": True})
 
     def _launch(self, trigger: Trigger) -> str | None:
         """Start a train task as ``POST /train/<model>`` does; ``None`` when one is already running."""
@@ -265,7 +273,8 @@ def scheduler_from_conf(app: Any, model: str) -> RetrainingScheduler:
     ``retrain_cron``, ``retrain_min_labels``, ``retrain_schedule_without_new_labels``, ``retrain_poll_seconds`` and
     ``retrain_params`` (JSON: request parameters of the runs it starts, e.g. ``{"max_epochs": 2}``); and
     ``uncertainty_refresh`` (``auto``: keep the uncertainty scores current when ``MONAI_LABEL_AUTO_UPDATE_SCORING`` is
-    on, as it is by default; ``true`` / ``false``)."""
+    on, as it is by default; ``true`` / ``false``) and ``uncertainty_idle_seconds`` (default 30: scoring starts after
+    that long without a click)."""
     policy = RetrainPolicy.from_conf(app.conf)
     raw = app.conf.get("retrain_params") or "{}"
     try:
@@ -281,4 +290,6 @@ def scheduler_from_conf(app: Any, model: str) -> RetrainingScheduler:
         keep_scores = refresh in ("true", "1", "yes")
     else:
         raise ValueError(f"--conf uncertainty_refresh must be auto, true or false, got {refresh!r}")
-    return RetrainingScheduler(app, policy, model, params, rescore=("sam_uncertainty",) if keep_scores else ())
+    idle = float(app.conf.get("uncertainty_idle_seconds", SCORING_IDLE_SECONDS))
+    rescore = ("sam_uncertainty",) if keep_scores else ()
+    return RetrainingScheduler(app, policy, model, params, rescore=rescore, scoring_idle_seconds=idle)

@@ -18,6 +18,10 @@ Conf keys (all optional):
 ``image_memory_mb`` loaded images kept in memory for further clicks, at most this many MB of pixels (default 1024;
                   the image being clicked is always kept)
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
+``backend``       ``torch`` (default) or ``onnxruntime``: the per-click prompt encoder + mask decoder run by ONNX
+                  Runtime (CPU; exported from the served weights when they load; same decoding rule and logits)
+``encoder_precision`` ``fp32`` (default), ``int8`` (dynamic quantisation of the encoder's linear layers, CPU with VNNI)
+                  or ``bf16`` (autocast): faster encoding, slightly different masks (``make bench`` prints both)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
@@ -139,6 +143,8 @@ class SamMed2DApp(MONAILabelApp):
             max_source_bytes=int(float(self.conf.get("image_memory_mb", 1024)) * 2**20),
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
             encode_threads=int(self.conf.get("encode_threads", 0)) or None,
+            backend=self.conf.get("backend", "torch"),
+            encoder_precision=self.conf.get("encoder_precision", "fp32"),
         )
         self.weights_warning: str | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
@@ -202,7 +208,11 @@ class SamMed2DApp(MONAILabelApp):
     # ------------------------------------------------------------ server life
     def on_init_complete(self) -> None:
         """Server start: fetch the published weights if needed, then load the model so the first click only encodes."""
+        # MONAI Label starts scoring every unlabeled image here, in a second process with its own copy of the weights,
+        # competing with the first clicks; the retraining scheduler starts it once no click came for a while.
+        auto_scoring, self._auto_update_scoring = self._auto_update_scoring, False
         super().on_init_complete()
+        self._auto_update_scoring = auto_scoring
         store = self.model_store
         if store.serving_path() is None and self.download and not self.conf.get("checkpoint"):
             try:

@@ -45,6 +45,10 @@ class Adapter(nn.Module):
         """``x``: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         gate = self.channel(x.mean(dim=(1, 2)))
         gated = (x * gate[:, None, None, :]).permute(0, 3, 1, 2)
+        if torch.onnx.is_in_onnx_export():
+            # The same map through the layers: ONNX runtimes have (transposed) convolution kernels, and the exporter
+            # cannot express ``fold`` with a constant output size.
+            return self.norm(x + self.spatial(gated).permute(0, 2, 3, 1))
         down, down_hw = conv2d_by_matmul(gated, self.spatial[0])
         up = conv_transpose_by_matmul(F.relu(down), down_hw, self.spatial[2])
         return self.norm(x + F.relu(up).permute(0, 2, 3, 1))

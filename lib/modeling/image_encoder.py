@@ -82,7 +82,8 @@ class Attention(nn.Module):
         batch, height, width, dim = x.shape
         qkv = self.qkv(x)
         if window_size > 0:
-            windows = window_partition(qkv, window_size, pad=self.qkv.bias)
+            # A zero (padding) token projects to the bias; computed through the layer so that a quantised one works.
+            windows = window_partition(qkv, window_size, pad=self.qkv(x.new_zeros(1, dim))[0])
             attended = self.attend(windows.flatten(0, 2)).view(*windows.shape[:-1], -1)
             out = window_unpartition(attended, (height, width))
         else:

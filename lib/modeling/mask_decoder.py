@@ -100,11 +100,17 @@ class MaskDecoder(nn.Module):
         )
 
     def predict_masks_from_src(
-        self, src: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor
+        self,
+        src: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        first_layer_terms: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode from ``src`` = image embedding + dense prompt embedding, ``(B, C, h, w)``.
 
-        A server that caches ``src`` for the no-mask case (it does not depend on the prompt) skips that sum per click.
+        A server that caches ``src`` for the no-mask case (it does not depend on the prompt) skips that sum per click,
+        and with ``first_layer_terms`` (:meth:`TwoWayTransformer.first_layer_terms` of that ``src``) three of the
+        transformer's ten projections of the image tokens.
         Returns all ``num_mask_tokens`` outputs: masks ``(B, T, 4h, 4w)``, IoU ``(B, T)``.
         """
         batch = sparse_prompt_embeddings.shape[0]
@@ -114,13 +120,33 @@ class MaskDecoder(nn.Module):
             src = src.expand(batch, -1, -1, -1)
         pos_src = image_pe.expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, pos_src, tokens, first_layer_terms)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        upscaled = self.upscale_tokens(src)  # (B, 16 h w, C / 8), pixels in sub-pixel order
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        masks = hyper_in @ upscaled.transpose(1, 2)  # (B, T, 16 h w)
+        # Sub-pixel order (y, x, a1, b1, a2, b2) -> row 4y + 2 a1 + a2, column 4x + 2 b1 + b2.
+        masks = masks.view(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, -1, 4 * h, 4 * w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def upscale_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` on the image tokens ``(B, h*w, C)`` -> ``(B, 16 h w, C / 8)`` channels-last.
+
+        Each 2x2 stride-2 transposed convolution maps a pixel to its own 2x2 block (no overlap), so it is one matrix
+        product to the four sub-pixels' channels, and the layer norm and activations act per pixel: the pixels stay
+        in sub-pixel order (``(y, x, a1, b1, a2, b2)`` for output pixel ``(4y + 2 a1 + a2, 4x + 2 b1 + b2)``) and
+        only the few mask channels are put in image order, by the caller. Same sums as the convolutions, without the
+        layout copies of ``(B, C, H, W)`` and oneDNN's slow small transposed convolutions.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        x = tokens
+        for layer in (up1, up2):
+            # weight (Cin, Cout, 2, 2) -> (Cin, 2 * 2 * Cout): output columns ordered (a, b, channel).
+            weight = layer.weight.permute(0, 2, 3, 1).reshape(layer.in_channels, -1)
+            x = (x @ weight).view(x.shape[0], -1, layer.out_channels) + layer.bias
+            if layer is up1:
+                x = act1(F.layer_norm(x, (layer.out_channels,), norm.weight, norm.bias, norm.eps))
+        return act2(x)

@@ -1,0 +1,42 @@
+"""The opt-in reduced-precision encoders (``--conf encoder_precision int8|bf16``) keep the golden masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.bench_model import golden_dice_change
+from lib.checkpoint import load_model
+from lib.image_source import read_image
+from lib.interactive import InteractiveSegmenter
+from lib.model_store import ModelStore
+from lib.prompt_inputs import parse_prompts
+from lib.reduced_precision import set_encoder_precision
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_golden_masks_barely_change(golden_dir, precision):
+    assert min(golden_dice_change(precision, golden_dir)) > -0.01
+
+
+def test_fp32_is_left_as_it_is_and_unknown_precisions_are_refused(golden_dir, golden_config):
+    model = load_model(golden_dir / "weights.pth", golden_config)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    set_encoder_precision(model, "fp32")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="precision"):
+        set_encoder_precision(model, "int4")
+
+
+def test_segmenter_serves_with_an_int8_encoder(golden_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (200, 170), dtype=np.uint8)).save(tmp_path / "ct.png")
+    store = ModelStore(tmp_path / "model", golden_dir / "meta.json", golden_dir / "weights.pth")
+    source = read_image(str(tmp_path / "ct.png"))
+    prompts = parse_prompts({"foreground": [[80, 90]]}, source.view_hw, None)
+    masks = [
+        InteractiveSegmenter(store, encoder_precision=p).segment_view(source, prompts).mask for p in ("fp32", "int8")
+    ]
+    assert 2 * (masks[0] & masks[1]).sum() / (masks[0].sum() + masks[1].sum()) > 0.98
