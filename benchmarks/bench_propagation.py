@@ -34,7 +34,6 @@ import numpy as np
 import requests
 import torch
 from PIL import Image
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -44,7 +43,7 @@ from lib.image_source import read_image  # noqa: E402
 from lib.interactive import InteractiveSegmenter  # noqa: E402
 from lib.model_store import ModelStore  # noqa: E402
 from lib.prompt_inputs import PropagationRequest, parse_prompts  # noqa: E402
-from lib.rest_annotator import RestAnnotator  # noqa: E402
+from lib.rest_annotator import RestAnnotator, infer_answer  # noqa: E402
 from tests.server_utils import server_log, start_server, stop_server  # noqa: E402
 
 GOLDEN = ROOT.parent / "shared" / "spec" / "golden_tiny"
@@ -84,13 +83,8 @@ def infer_volume(url: str, params: dict) -> tuple[np.ndarray, dict]:
     )
     if response.status_code != 200:
         raise RuntimeError(f"{response.status_code} {response.text[:500]}")
-    result, label = {}, None
-    for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
-        if b'name="params"' in part.headers[b"Content-Disposition"]:
-            result = json.loads(part.content)
-        else:
-            label = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(part.content)).dataobj)
-            label = label.transpose(2, 1, 0) > 0
+    result, data, _ = infer_answer(response)
+    label = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj).transpose(2, 1, 0) > 0
     return label, result
 
 

@@ -25,6 +25,26 @@ from .metrics import dice_per_mask
 from .prompts import interior_clicks, largest_component_box
 
 
+def infer_answer(response: requests.Response) -> tuple[dict, bytes | None, str]:
+    """An infer answer as MONAI Label sends it -> ``(result JSON, label file bytes or None, label file name)``:
+    multipart (JSON and file, Slicer's default), the file alone (``output=image``; the name from the disposition) or
+    the JSON alone (``output=json``)."""
+    content_type = response.headers["content-type"]
+    if content_type.startswith("multipart"):
+        result, data, name = {}, None, ""
+        for part in MultipartDecoder(response.content, content_type).parts:
+            disposition = part.headers[b"Content-Disposition"].decode()
+            if 'name="params"' in disposition:
+                result = json.loads(part.content)
+            else:
+                data, name = part.content, disposition.split("filename=")[-1].strip('"')
+        return result, data, name
+    if content_type.startswith("application/json"):
+        return response.json(), None, ""
+    disposition = response.headers.get("content-disposition", "")
+    return {}, response.content, disposition.split("filename=")[-1].strip('"') if "filename=" in disposition else ""
+
+
 class RestAnnotator:
     """Talks to one server.
 
@@ -48,15 +68,10 @@ class RestAnnotator:
         )
         if response.status_code != 200:
             raise RuntimeError(f"POST /infer/{model} for {image}: {response.status_code} {response.text[:500]}")
-        result, mask = {}, None
-        for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
-            if b'name="params"' in part.headers[b"Content-Disposition"]:
-                result = json.loads(part.content)
-            else:
-                mask = np.asarray(Image.open(io.BytesIO(part.content))) > 0
-        if mask is None:
+        result, data, _ = infer_answer(response)
+        if data is None:
             raise RuntimeError(f"POST /infer/{model} for {image}: the answer holds no label")
-        return mask, result
+        return np.asarray(Image.open(io.BytesIO(data))) > 0, result
 
     def annotate(self, image: str, target: np.ndarray, clicks: int = 5, box: bool = True) -> dict[str, float]:
         """Box Dice (a session of its own) and Dice after each of ``clicks`` accumulated clicks (one session, the

@@ -18,7 +18,6 @@ import requests
 import SimpleITK as sitk  # noqa: N813
 from monailabel.client import MONAILabelClient
 from PIL import Image
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from apps.sam_med2d.demo import build_demo_datastore
 from lib.decoding import ServedDecoding
@@ -26,6 +25,7 @@ from lib.image_source import read_image
 from lib.interactive import InteractiveSegmenter
 from lib.model_store import ModelStore
 from lib.prompt_inputs import parse_prompts
+from lib.rest_annotator import infer_answer
 from tests.server_utils import server_log, start_server, stop_server
 
 pytestmark = pytest.mark.server
@@ -107,19 +107,7 @@ def infer(url: str, model: str, image: str, params: dict, **query: str) -> tuple
     )
     if response.status_code != 200:
         return response.status_code, response.json(), None, ""
-    content_type = response.headers["content-type"]
-    if content_type.startswith("multipart"):
-        result, data, name = {}, None, ""
-        for part in MultipartDecoder(response.content, content_type).parts:
-            disposition = part.headers[b"Content-Disposition"].decode()
-            if 'name="params"' in disposition:
-                result = json.loads(part.content)
-            else:
-                data, name = part.content, disposition.split("filename=")[-1].strip('"')
-        return 200, result, data, name
-    if content_type.startswith("application/json"):
-        return 200, response.json(), None, ""
-    return 200, {}, response.content, ""
+    return 200, *infer_answer(response)
 
 
 def read_png(data: bytes) -> np.ndarray:

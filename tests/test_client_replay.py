@@ -19,9 +19,9 @@ import requests
 import SimpleITK as sitk  # noqa: N813
 import skimage.data
 from PIL import Image
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from lib.curation import iter_curated
+from lib.rest_annotator import infer_answer
 from tests.client_files import dcmqi_liver_mask, hc18_mask, write_slicer_label, write_slicer_rgb_volume
 from tests.server_utils import server_log, start_server, stop_server
 
@@ -98,17 +98,9 @@ def send(url: str, step: dict[str, Any], files: dict[str, Path], state: dict[str
 
 def answer_label(response: requests.Response, tmp: Path) -> tuple[dict[str, Any], sitk.Image | None]:
     """The JSON result and the label file of an infer answer (multipart for Slicer, the file for output=image)."""
-    content_type = response.headers["content-type"]
-    result, data, name = {}, None, ""
-    if content_type.startswith("multipart"):
-        for part in MultipartDecoder(response.content, content_type).parts:
-            disposition = part.headers[b"Content-Disposition"].decode()
-            if 'name="params"' in disposition:
-                result = json.loads(part.content)
-            else:
-                data, name = part.content, disposition.split("filename=")[-1].strip('"')
-    elif not content_type.startswith("application/json"):
-        data, name = response.content, "answer.nrrd"  # OHIF asks output=image with result_extension .nrrd
+    result, data, name = infer_answer(response)
+    if data is not None and not name:
+        name = "answer.nrrd"  # OHIF asks output=image with result_extension .nrrd
     if data is None:
         return result, None
     suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
