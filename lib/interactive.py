@@ -25,6 +25,7 @@ import torch
 
 from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from .image_source import ImageSource, fingerprint, read_image
+from .limits import Limits
 from .model_store import ModelStore
 from .modeling import SamMed2D
 from .preprocessing import FrameGeometry, PolicyName, preprocess_image
@@ -137,6 +138,10 @@ class _LRU:
         return len(self._items)
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def prompt_independent_inputs(
     model: SamMed2D, features: torch.Tensor, image_pe: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -166,6 +171,8 @@ class InteractiveSegmenter:
         max_source_bytes: bound of the loaded images' pixels (the image being clicked is kept even when larger):
             a 512x512x600 CT is 315 MB, so a count alone does not bound memory.
         max_states: remembered previous masks (client, image, view, label).
+        limits: request bounds; here the pixels of an image (checked from its header before it is decoded) and the
+            bytes of the remembered previous masks (``state_mb``).
         decode_threads: intra-op threads for the per-click decoder (``None``: torch's setting). The decoder's
             operations are small: one thread avoids the synchronisation that makes several threads slow, very slow
             when other processes (a training run) share the cores.
@@ -184,7 +191,9 @@ class InteractiveSegmenter:
         max_states: int = 512,
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.decode_threads = decode_threads
         self.encode_threads = encode_threads
         self.store = store
@@ -192,7 +201,7 @@ class InteractiveSegmenter:
         self.policy = policy
         self.cache = EmbeddingCache(cache_bytes)
         self._sources = _LRU(max_sources, max_source_bytes, lambda source: source.nbytes)
-        self._states = _LRU(max_states)
+        self._states = _LRU(max_states, self.limits.state_bytes, _tensor_bytes)
         self._model: SamMed2D | None = None
         self._image_pe: torch.Tensor | None = None
         self._model_key: str | None = None
@@ -279,7 +288,7 @@ class InteractiveSegmenter:
         cached = self._sources.get(path)
         if cached is not None and cached.content == content:
             return cached, True
-        source = read_image(path)
+        source = read_image(path, self.limits)
         self._sources.put(path, source)
         return source, False
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .limits import Limits
+
 
 class InvalidRequestError(ValueError):
     """A request the server cannot honour; ``status`` is the HTTP status to answer with (4xx)."""
@@ -139,6 +141,7 @@ def parse_prompts(
     request: Mapping[str, Any],
     view_hw: tuple[int, int],
     num_slices: int | None,
+    max_points: int = Limits.points,
 ) -> ViewPrompts:
     """Check a request's prompts against the image and express them in pixels of one view.
 
@@ -147,10 +150,17 @@ def parse_prompts(
             ``window``).
         view_hw: ``(H, W)`` of the 2D view (for a volume ``(J, I)``).
         num_slices: ``K`` for a volume, ``None`` for a 2D image.
+        max_points: most foreground plus background points (``--conf max_points``).
 
     Raises:
-        InvalidRequestError: malformed, out-of-image or contradictory prompts, or none at all.
+        InvalidRequestError: malformed, out-of-image or contradictory prompts, none at all, or too many (413).
     """
+    # Counted before any point is looked at: a request's cost grows with its points (the decoder attends to each).
+    count = sum(len(v) for v in (request.get("foreground"), request.get("background")) if isinstance(v, Sequence))
+    if count > max_points:
+        raise InvalidRequestError(
+            f"{count} points in one request; the server accepts {max_points} (--conf max_points)", 413
+        )
     h, w = view_hw
     is_volume = num_slices is not None
     slice_index = parse_slice(request.get("slice"), num_slices) if is_volume else None

@@ -1,6 +1,6 @@
 """MONAI Label app serving SAM-Med2D for interactive segmentation (Slicer, OHIF, REST).
 
-    monailabel start_server --app apps/sam_med2d --studies <dir> [--conf key value ...]
+    monailabel start_server --app apps/sam_med2d --studies <dir> --host 127.0.0.1 [--conf key value ...]
 
 Conf keys (all optional):
 
@@ -19,6 +19,14 @@ Conf keys (all optional):
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
+``train_checkpoint`` weights the ``sam_med2d`` training task starts from (default: the served model); training
+                  requests cannot name files (see ``docs/security.md``)
+``api_token_file`` a file holding the shared token every request must send as ``Authorization: Bearer <token>``
+                  (or the environment variable ``SAM_MED2D_API_TOKEN``); default: no token, serve on 127.0.0.1 only
+``cors_origins``  comma-separated origins (``https://viewer.example.org``) whose pages may call the server; default
+                  none (the OHIF served here is same-origin)
+``max_*``         request bounds: ``max_image_pixels``, ``max_volume_voxels``, ``max_upload_mb``, ``max_points``,
+                  ``max_state_mb``, ``max_id_chars`` (defaults in ``lib/limits.py``, sized for real CT/MR/US/X-ray)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
                   ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
                   next-sample strategy: see ``docs/active_learning.md``
@@ -28,7 +36,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +46,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 from monailabel.config import settings  # noqa: E402
-from monailabel.datastore.local import LocalDatastore  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
@@ -47,9 +57,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
 
+from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
 from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
+from lib.http_guard import GuardPolicy, RequestRefusedError, install  # noqa: E402
 from lib.interactive import InteractiveSegmenter  # noqa: E402
+from lib.limits import Limits  # noqa: E402
 from lib.model_store import ModelStore  # noqa: E402
 from lib.preprocessing import POLICIES  # noqa: E402
 from lib.prompt_inputs import InvalidRequestError  # noqa: E402
@@ -60,6 +73,7 @@ from lib.published_weights import (  # noqa: E402
     find_local_weights,
     how_to_fetch,
 )
+from lib.train_request import check_train_params  # noqa: E402
 from trainers.active_learning import active_learning_scoring, active_learning_strategies  # noqa: E402
 from trainers.retraining import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from trainers.sam_med2d_train import SamMed2DTrain  # noqa: E402
@@ -84,6 +98,17 @@ def _resolve_path(value: str) -> Path:
     return beside_app.resolve() if beside_app.exists() else path.resolve()
 
 
+def _private_request_dir() -> Path:
+    """A new temporary folder (mode 0700) for this server process's request files; those of servers no longer
+    running are removed (uvicorn ends by re-raising SIGTERM, so a server cannot remove its own at exit)."""
+    prefix = "sam_med2d_requests_"
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}*_*"):
+        pid = old.name.removeprefix(prefix).split("_")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and old.stat().st_uid == os.getuid():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_")).resolve()
+
+
 class SamMed2DApp(MONAILabelApp):
     """SAM-Med2D interactive segmentation: ``sam_med2d_points`` and ``sam_med2d_box`` (2D images and volume slices).
 
@@ -96,6 +121,8 @@ class SamMed2DApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.conf = dict(conf or {})
+        self.limits = Limits.from_conf(self.conf)
+        self.upload_dir: Path | None = None  # the server's private temporary folder (request uploads), once serving
         self.network_config: SamMed2DConfig = resolve_config(self.conf.get("model", "vit_b"))
         model_dir = _resolve_path(self.conf.get("model_dir", str(APP_DIR / "model")))
         self.download = _flag(self.conf, "download", True)
@@ -119,6 +146,7 @@ class SamMed2DApp(MONAILabelApp):
             max_source_bytes=int(float(self.conf.get("image_memory_mb", 1024)) * 2**20),
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
             encode_threads=int(self.conf.get("encode_threads", 0)) or None,
+            limits=self.limits,
         )
         self.weights_warning: str | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
@@ -147,9 +175,10 @@ class SamMed2DApp(MONAILabelApp):
             return super().init_datastore()
         extensions = list(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
         extensions += [e for e in EXTRA_EXTENSIONS if e not in extensions]
-        return LocalDatastore(
+        return SafeLocalDatastore(
             self.studies,
             extensions=extensions,
+            limits=self.limits,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
@@ -175,13 +204,19 @@ class SamMed2DApp(MONAILabelApp):
         return active_learning_scoring(self.conf, self.model_store, str(self.segmenter.device), self.segmenter.policy)
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        """``sam_med2d``: adapter fine-tuning on the saved labels (``--conf train_recipe``: ``continual`` default)."""
-        return {"sam_med2d": SamMed2DTrain(self.model_store, recipe_name=self.conf.get("train_recipe", "continual"))}
+        """``sam_med2d``: adapter fine-tuning on the saved labels (``--conf train_recipe``: ``continual`` default;
+        ``--conf train_checkpoint``: start from those weights instead of the served ones)."""
+        start = self.conf.get("train_checkpoint")
+        overrides = {"init": "checkpoint", "checkpoint": str(_resolve_path(start))} if start else None
+        recipe_name = self.conf.get("train_recipe", "continual")
+        return {"sam_med2d": SamMed2DTrain(self.model_store, recipe_name=recipe_name, overrides=overrides)}
 
     # ------------------------------------------------------------ server life
     def on_init_complete(self) -> None:
-        """Server start: fetch the published weights if needed, then load the model so the first click only encodes."""
+        """Server start: guard the HTTP server, fetch the published weights if needed, then load the model so the
+        first click only encodes."""
         super().on_init_complete()
+        self._guard_http_server()
         store = self.model_store
         if store.serving_path() is None and self.download and not self.conf.get("checkpoint"):
             try:
@@ -202,6 +237,52 @@ class SamMed2DApp(MONAILabelApp):
         self.segmenter.warm_up()
         self._start_retraining()
         logger.info("SAM-Med2D ready: %s", self.weights_info())
+
+    def _guard_http_server(self) -> None:
+        """Put :class:`lib.http_guard.HttpGuard` in front of every endpoint of the running MONAI Label server.
+
+        Only in the server process (MONAI Label's FastAPI app is loaded there; training and scoring subprocesses
+        build this app without it). Request uploads then go to a private temporary folder, the one place outside the
+        datastore an ``image`` path may point to.
+        """
+        server = sys.modules.get("monailabel.app")
+        if server is None:
+            return
+        token = os.environ.get("SAM_MED2D_API_TOKEN", "")
+        if self.conf.get("api_token_file"):
+            token = _resolve_path(self.conf["api_token_file"]).read_text().strip()
+            if not token:
+                raise ValueError(f"--conf api_token_file {self.conf['api_token_file']}: the file is empty")
+        origins = [o.strip().rstrip("/") for o in self.conf.get("cors_origins", "").split(",") if o.strip()]
+        origins += [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS]
+        policy = GuardPolicy(
+            token=token,
+            origins=tuple(origins),
+            max_body_bytes=self.limits.upload_bytes,
+            health={"name": self.name, "version": self.version, "status": "ok", "authentication": "bearer token"},
+            body_checks={"/train": self._check_train_request},
+        )
+        install(server.app, policy)
+        self.upload_dir = _private_request_dir()
+        tempfile.tempdir = str(self.upload_dir)  # MONAI Label's endpoints write uploads with tempfile's defaults
+        logger.info(
+            "HTTP guard: token %s, cross-origin callers %s, bodies up to %g MB",
+            "required" if token else "not required",
+            origins or "none",
+            self.limits.upload_mb,
+        )
+
+    def _check_train_request(self, path: str, params: Any) -> None:
+        """``POST /train/<model>`` (params of that task) or ``POST /train/`` (``{model: params}``)."""
+        model = path.removeprefix("/train").strip("/")
+        if model:
+            if model in self._trainers:
+                check_train_params(params, self._trainers[model].config())
+            return
+        for name, task_params in (params or {}).items() if isinstance(params, dict) else [("", params)]:
+            if name not in self._trainers:
+                raise RequestRefusedError(f"POST /train/ takes {{model: params}}; {name!r} is not a training task")
+            check_train_params(task_params, self._trainers[name].config())
 
     def _start_retraining(self) -> None:
         """Start the active-learning scheduler: retrains on accrued labels per ``--conf retrain_*``."""
@@ -238,16 +319,29 @@ class SamMed2DApp(MONAILabelApp):
         return meta
 
     # ---------------------------------------------------------------- errors
+    def _inside_server_folders(self, path: str, store: Datastore) -> bool:
+        """Whether ``path`` (symbolic links resolved) is in the datastore, a session or this server's uploads."""
+        real = Path(os.path.realpath(path))
+        roots = [getattr(store, "root", None), self.upload_dir]
+        if self.sessions() is not None:
+            roots.append(Path(self.sessions().store_path).resolve())
+        return any(root is not None and real.is_relative_to(root) for root in roots)
+
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """MONAILabelApp.infer, with bad requests answered 4xx (the endpoint turns HTTPException into its status)."""
         model = request.get("model")
         if model and model not in self._infers:
             raise HTTPException(404, f"unknown model {model!r}; available: {sorted(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
+        if isinstance(image, str):
             store = datastore if datastore else self.datastore()
-            if not store.get_image_uri(image):
-                raise HTTPException(404, f"unknown image {image!r}: not in the datastore and not a file on the server")
+            if os.path.exists(image):
+                if not self._inside_server_folders(image, store):
+                    raise HTTPException(
+                        403, "image paths must be inside the datastore; send the image's id or upload the file"
+                    )
+            elif not store.get_image_uri(image):
+                raise HTTPException(404, f"unknown image {image[:200]!r}: not in the datastore")
         try:
             return super().infer(request, datastore)
         except InvalidRequestError as exc:
