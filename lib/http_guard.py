@@ -11,7 +11,7 @@
 - Body checks: ``body_checks`` maps a path prefix to a function that inspects a (small) JSON body and raises
   :class:`RequestRefusedError`; the body is read once (at most 1 MB), checked, and replayed to the endpoint.
 
-Nothing here imports the server; ``install`` puts the guard in front of an ASGI app that is already running.
+Nothing here imports the server; :func:`wrap_running_app` puts middleware in front of an app already running.
 """
 
 from __future__ import annotations
@@ -159,13 +159,12 @@ async def _answer(
     await send({"type": "http.response.body", "body": body})
 
 
-def install(app: Any, policy: GuardPolicy) -> None:
-    """Put a :class:`HttpGuard` in front of a Starlette/FastAPI ``app``, running or not.
+def wrap_running_app(app: Any, wrap: Callable[[ASGIApp], ASGIApp]) -> None:
+    """Put middleware (``wrap(stack)``) in front of a Starlette/FastAPI ``app``, running or not.
 
     An app that has served (its lifespan runs inside the built middleware stack, and MONAI Label creates the
     MONAI Label app there) can no longer ``add_middleware``; wrapping the built stack is equivalent.
     """
-    if getattr(app, "middleware_stack", None) is None:
-        app.add_middleware(HttpGuard, policy=policy)
-    else:
-        app.middleware_stack = HttpGuard(app.middleware_stack, policy)
+    if app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()
+    app.middleware_stack = wrap(app.middleware_stack)

@@ -206,7 +206,10 @@ class InteractiveSegmenter:
         self._image_pe: torch.Tensor | None = None
         self._model_key: str | None = None
         self._failed_key: str | None = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the model swap, and each click's decode and interaction state
+        # One encode at a time (an encode uses every core); held apart from the click lock so that clicks on views
+        # already encoded never wait for another user's new image.
+        self._encode_lock = threading.Lock()
         self.last_load_error: str | None = None
 
     # ------------------------------------------------------------------ model
@@ -300,6 +303,14 @@ class InteractiveSegmenter:
         entry = self.cache.get(key)
         if entry is not None:
             return entry, key, True
+        with self._encode_lock:
+            entry = self.cache.get(key)
+            if entry is not None:  # encoded by another request while this one waited
+                return entry, key, True
+            return self._encode(model, source, prompts, key), key, False
+
+    def _encode(self, model: SamMed2D, source: ImageSource, prompts: ViewPrompts, key: EmbeddingKey) -> CachedEmbedding:
+        """Encode the view, cache it with its prompt-independent decoder inputs."""
         cfg = model.config
         view = source.view(prompts.slice_index, prompts.window)
         with torch.inference_mode():
@@ -312,7 +323,7 @@ class InteractiveSegmenter:
         entry = CachedEmbedding(features=features, geometry=geometry, extras=extras)
         self.cache.put(key, entry)
         release_freed_memory(collect=False)  # the encoder's activations, so resident memory does not creep up
-        return entry, key, False
+        return entry
 
     def embedding_key(self, source: ImageSource, prompts: ViewPrompts, model_key: str) -> EmbeddingKey:
         view = ""
@@ -367,13 +378,13 @@ class InteractiveSegmenter:
                 is the mask prompt unless ``reset``.
         """
         times: dict[str, float] = {}
+        t = time.perf_counter()
+        model, model_key = self.model()
+        times["model"] = time.perf_counter() - t
+        t = time.perf_counter()
+        entry, key, cached = self.embedding(model, model_key, source, prompts)
+        times["embed"] = time.perf_counter() - t
         with self._lock:
-            t = time.perf_counter()
-            model, model_key = self.model()
-            times["model"] = time.perf_counter() - t
-            t = time.perf_counter()
-            entry, key, cached = self.embedding(model, model_key, source, prompts)
-            times["embed"] = time.perf_counter() - t
             state_key = (client_id, key, label)
             previous = None if reset else self._states.get(state_key)
             t = time.perf_counter()

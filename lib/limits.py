@@ -27,6 +27,7 @@ class Limits:
         points: foreground plus background points in one request.
         state_mb: remembered previous masks of all clients together (each ``(256, 256)`` float32, 256 KB).
         id_chars: characters of a ``client_id`` or interaction ``label`` (they are kept as keys of that state).
+        request_threads: requests served at once (inference, uploads...); more wait without holding up the server.
     """
 
     image_pixels: int = 64_000_000
@@ -35,6 +36,7 @@ class Limits:
     points: int = 500
     state_mb: float = 128.0
     id_chars: int = 128
+    request_threads: int = 16
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

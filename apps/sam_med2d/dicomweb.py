@@ -336,6 +336,7 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
         """
         label_info = dict(label_info or {})
         check_tag(label_tag)
+        _uid(image_id, "series")
         if label_tag == DefaultLabelTag.FINAL and self.find_series(image_id) is None:
             state = "is no longer" if self._cached_locally(image_id) else "is not"
             raise PacsError(404, f"series {image_id} {state} in the PACS at {self.name()}; the label was not saved")

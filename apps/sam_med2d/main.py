@@ -26,7 +26,8 @@ Conf keys (all optional):
 ``cors_origins``  comma-separated origins (``https://viewer.example.org``) whose pages may call the server; default
                   none (the OHIF served here is same-origin)
 ``max_*``         request bounds: ``max_image_pixels``, ``max_volume_voxels``, ``max_upload_mb``, ``max_points``,
-                  ``max_state_mb``, ``max_id_chars`` (defaults in ``lib/limits.py``, sized for real CT/MR/US/X-ray)
+                  ``max_state_mb``, ``max_id_chars``, ``max_request_threads`` (defaults in ``lib/limits.py``, sized
+                  for real CT/MR/US/X-ray)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
                   ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
                   next-sample strategy: see ``docs/active_learning.md``
@@ -59,8 +60,9 @@ from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
+from lib.asgi_threads import ThreadedPaths  # noqa: E402
 from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
-from lib.http_guard import GuardPolicy, RequestRefusedError, install  # noqa: E402
+from lib.http_guard import GuardPolicy, HttpGuard, RequestRefusedError, wrap_running_app  # noqa: E402
 from lib.interactive import InteractiveSegmenter  # noqa: E402
 from lib.limits import Limits  # noqa: E402
 from lib.model_store import ModelStore  # noqa: E402
@@ -82,6 +84,9 @@ logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent
 EXTRA_EXTENSIONS = ["*.dcm"]  # single-frame DICOM images in a local datastore
+# Endpoints quick enough for the event loop; every other request runs on a worker thread (MONAI Label's endpoints
+# do their blocking work inside ``async`` functions, which would stall every user for as long as one request takes).
+DIRECT_PATHS = ("/info", "/static/", "/favicon.ico")
 
 
 def _flag(conf: dict[str, str], key: str, default: bool) -> bool:
@@ -239,7 +244,8 @@ class SamMed2DApp(MONAILabelApp):
         logger.info("SAM-Med2D ready: %s", self.weights_info())
 
     def _guard_http_server(self) -> None:
-        """Put :class:`lib.http_guard.HttpGuard` in front of every endpoint of the running MONAI Label server.
+        """Put :class:`lib.http_guard.HttpGuard` in front of every endpoint of the running MONAI Label server, and
+        :class:`lib.asgi_threads.ThreadedPaths` behind it (``--conf max_request_threads`` requests at once).
 
         Only in the server process (MONAI Label's FastAPI app is loaded there; training and scoring subprocesses
         build this app without it). Request uploads then go to a private temporary folder, the one place outside the
@@ -262,7 +268,8 @@ class SamMed2DApp(MONAILabelApp):
             health={"name": self.name, "version": self.version, "status": "ok", "authentication": "bearer token"},
             body_checks={"/train": self._check_train_request},
         )
-        install(server.app, policy)
+        threads = self.limits.request_threads
+        wrap_running_app(server.app, lambda stack: HttpGuard(ThreadedPaths(stack, DIRECT_PATHS, threads), policy))
         self.upload_dir = _private_request_dir()
         tempfile.tempdir = str(self.upload_dir)  # MONAI Label's endpoints write uploads with tempfile's defaults
         logger.info(
