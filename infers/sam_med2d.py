@@ -27,6 +27,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from lib.decoding import ServedDecoding
 from lib.image_source import ImageReadError
 from lib.interactive import InteractiveSegmenter, Segmentation
 from lib.limits import Limits
@@ -67,9 +68,11 @@ class LoadImageSourced:
 
 class ReadPromptsd:
     """The request's prompts -> ``data["prompts"]`` (:class:`lib.prompt_inputs.ViewPrompts`) in view pixels, and its
-    result options -> ``data["result_format"]``: both checked, with the request's bounds, before any model work."""
+    result options -> ``data["result_format"]``: both checked, with the request's bounds, before any model work.
+    ``multimask_output`` defaults to the server's decoding rule (:class:`lib.decoding.ServedDecoding`)."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, decoding: Callable[[], ServedDecoding], limits: Limits) -> None:
+        self.decoding = decoding
         self.limits = limits
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +86,9 @@ class ReadPromptsd:
                     "(--conf max_id_chars)"
                 )
         num_slices = source.num_slices if source.is_volume else None
-        d["prompts"] = parse_prompts(d, source.view_hw, num_slices, max_points=self.limits.points)
+        d["prompts"] = parse_prompts(
+            d, source.view_hw, num_slices, self.decoding().multimask_output, max_points=self.limits.points
+        )
         d["result_format"] = result_format(d, source.is_volume)
         return d
 
@@ -170,7 +175,7 @@ class SamMed2DInfer(BasicInferTask):
             labels=list(labels) if labels else ["object"],
             dimension=2,
             description=description,
-            config={"multimask_output": "auto", "reset": False, "largest_cc": False},
+            config={"multimask_output": True, "reset": False, "largest_cc": False},
         )
         self.segmenter = segmenter
         self.first_prompt = first_prompt
@@ -187,7 +192,8 @@ class SamMed2DInfer(BasicInferTask):
         return True
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return [LoadImageSourced(self.segmenter), ReadPromptsd(self.segmenter().limits)]
+        segmenter = self.segmenter()
+        return [LoadImageSourced(self.segmenter), ReadPromptsd(lambda: self.segmenter().decoding, segmenter.limits)]
 
     def inverse_transforms(self, data: dict[str, Any] | None = None) -> None:
         return None

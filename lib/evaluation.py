@@ -1,27 +1,29 @@
-"""The paper's evaluation protocol: box, then 1, 3 and 5 accumulated clicks, Dice per mask.
+"""The paper's evaluation protocol, decoded exactly as the server decodes: box, then 1, 3 and 5 accumulated clicks.
 
-For every image (preprocessed with :func:`lib.preprocessing.preprocess_image`, encoded once, all its masks decoded
-together as prompt rows):
+For every image (preprocessed and encoded once, with the server's :class:`lib.decoding.ServedDecoding`), each mask is
+prompted the way an annotator prompts the server, in the image's own pixels, and decoded by
+:func:`lib.decoding.decode_view`, the function a click on the server runs:
 
-* ``box``: the box around the mask's largest component in the input frame, no jitter, one decoding;
-* ``N points``: one random foreground click, then ``N - 1`` more clicks, each drawn uniformly from the error region of
-  the current prediction (:func:`lib.prompts.error_clicks`), accumulated, with the previous mask (sigmoid of its
-  64x64 logits) as a prompt. The 3- and 5-point results are the same click sequence read at 3 and 5 clicks, which
-  is how an annotator would continue.
+* ``box``: the box around the mask's largest component, no jitter, one decoding;
+* ``N points``: one foreground click, then ``N - 1`` more, each from the error region of the current prediction,
+  accumulated, with the previous mask as a prompt (as the server keeps it for a client). The 3- and 5-point results
+  are the same click sequence read at 3 and 5 clicks, which is how an annotator would continue.
 
-Dice is measured per mask in the original image (logits mapped back with the frame geometry, threshold 0) and
-averaged over masks. Draws come from a seeded :class:`lib.prompts.PromptRandom`, so two runs agree.
+Clicks come from one of two simulated annotators (:mod:`lib.prompts`): ``random`` (the paper's: drawn uniformly from
+the mask, then from the error region, from a seeded :class:`lib.prompts.PromptRandom`) or ``interior`` (deterministic:
+the most interior pixel of the mask, then of the larger error region, as a careful annotator clicks; what the
+promotion gate and ``benchmarks/bench_loop.py`` use). Dice is measured per mask in the original image and averaged
+over masks.
 
 Command line (prints the paper's table for a checkpoint and a dataset in the SAM-Med2D layout)::
 
-    python -m lib.evaluation --checkpoint sam-med2d_b.pth --data <dir> [--split test] [--config vit_b]
+    python -m lib.evaluation --checkpoint sam-med2d_b.pth --data <dir> [--split test] [--config vit_b] [--clicks random]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -29,12 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .decoding import ServedDecoding, decode_view, prompt_independent_inputs, view_mask
+from .embedding_cache import CachedEmbedding
+from .json_files import write_json_atomic
 from .metrics import dice_per_mask
 from .modeling import SamMed2D
-from .preprocessing import PolicyName, preprocess_image
-from .prompts import PromptRandom, error_clicks, largest_component_box, random_points
+from .preprocessing import preprocess_image
+from .prompts import PromptRandom, error_clicks, interior_clicks, largest_component_box, random_points
+
+CLICKERS = ("random", "interior")
 
 
 @dataclasses.dataclass
@@ -50,6 +56,24 @@ def mode_names(points: Sequence[int], box: bool = True) -> list[str]:
     return (["box"] if box else []) + [f"{n} point" + ("s" if n > 1 else "") for n in points]
 
 
+def next_click(
+    prediction: torch.Tensor, target: torch.Tensor, clicker: str, rng: PromptRandom
+) -> tuple[np.ndarray, int]:
+    """The simulated annotator's next click on an ``(H, W)`` prediction (all false before the first click) of an
+    ``(H, W)`` target: ``(x, y)`` pixel and label (1 foreground, 0 background)."""
+    if clicker == "interior":
+        coords, labels = interior_clicks(prediction[None], target[None])
+    elif not prediction.any():
+        coords, labels = random_points(target[None], rng, 1)
+    else:
+        coords, labels = error_clicks(prediction[None], target[None], 1, rng)
+    return coords[0, 0].cpu().numpy(), int(labels[0, 0])
+
+
+def _dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    return float(dice_per_mask(prediction[None], target[None])[0])
+
+
 @torch.no_grad()
 def evaluate_model(
     model: SamMed2D,
@@ -57,16 +81,25 @@ def evaluate_model(
     points: Sequence[int] = (1, 3, 5),
     box: bool = True,
     seed: int = 0,
-    policy: PolicyName = "evaluation",
-    multimask: bool = True,
+    decoding: ServedDecoding | None = None,
+    clicks: str = "random",
 ) -> dict[str, object]:
-    """Run the protocol; returns ``{"dice": {mode: mean}, "per_mask": {mode: [dice...]}, "masks": count, ...}``."""
+    """Run the protocol.
+
+    Returns ``{"dice": {mode: mean}, "per_mask": {mode: [dice...]}, "mask_images": [sample name per mask],
+    "masks": count, "images": count, "seconds": s, "seed": seed, "clicks": clicks}``.
+    """
+    if clicks not in CLICKERS:
+        raise ValueError(f"clicks must be one of {CLICKERS}, got {clicks!r}")
+    decoding = decoding or ServedDecoding()
     was_training = model.training
     model.eval()
     cfg = model.config
     rng = PromptRandom(seed)
     names = mode_names(points, box)
+    point_names = dict(zip(points, names[len(names) - len(points) :], strict=True))
     per_mask: dict[str, list[float]] = {name: [] for name in names}
+    mask_images: list[str] = []
     most_points = max(points) if points else 0
     images = 0
     start = time.perf_counter()
@@ -74,44 +107,38 @@ def evaluate_model(
     for sample in samples:
         images += 1
         tensor, geometry = preprocess_image(
-            sample.image, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, policy, device=device
+            sample.image, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, decoding.policy, device=device
         )
-        original = torch.as_tensor(np.asarray(sample.masks, dtype=bool), device=device)
-        in_frame = geometry.masks_to_input(original[:, None].float())[:, 0] > 0
-        embedding = model.encode(tensor)
-        pe = model.prompt_encoder.get_dense_pe()
-
-        def dice(low_res: torch.Tensor, original: torch.Tensor = original, geometry=geometry) -> list[float]:
-            return dice_per_mask(geometry.masks_to_original(low_res.float()) > 0, original).tolist()
-
-        if box:
-            boxes = torch.as_tensor(np.stack([largest_component_box(m) for m in in_frame.cpu().numpy()]), device=device)
-            low_res, _ = model.decode(embedding, boxes=boxes, multimask_output=multimask, image_pe=pe)
-            per_mask["box"].extend(dice(low_res))
-        if most_points:
-            coords, labels = random_points(in_frame, rng, 1)
-            coords, labels = coords.to(device), labels.to(device)
-            mask_inputs = None
-            for clicks in range(1, most_points + 1):
-                if clicks > 1:
-                    upsampled = F.interpolate(
-                        low_res.float(), in_frame.shape[-2:], mode="bilinear", align_corners=False
-                    )
-                    new_coords, new_labels = error_clicks(upsampled[:, 0] > 0, in_frame, 1, rng)
-                    coords = torch.cat([coords, new_coords.to(device)], dim=1)
-                    labels = torch.cat([labels, new_labels.to(device)], dim=1)
-                    mask_inputs = torch.sigmoid(low_res.float())
-                low_res, _ = model.decode(embedding, coords, labels, None, mask_inputs, multimask, image_pe=pe)
-                if clicks in points:
-                    per_mask[names[len(names) - len(points) + list(points).index(clicks)]].extend(dice(low_res))
+        features = model.encode(tensor)
+        entry = CachedEmbedding(features, geometry, prompt_independent_inputs(model, features))
+        for target_np in np.asarray(sample.masks, dtype=bool):
+            mask_images.append(sample.name)
+            target = torch.as_tensor(target_np, device=device)
+            if box:
+                low_res, _ = decode_view(model, entry, decoding, box=largest_component_box(target_np))
+                per_mask["box"].append(_dice(view_mask(geometry, low_res, decoding)[0], target))
+            coords: list[np.ndarray] = []
+            labels: list[int] = []
+            prediction = torch.zeros_like(target)
+            low_res = None
+            for count in range(1, most_points + 1):
+                xy, label = next_click(prediction, target, clicks, rng)
+                coords.append(xy)
+                labels.append(label)
+                low_res, _ = decode_view(model, entry, decoding, np.stack(coords), np.array(labels), None, low_res)
+                prediction = view_mask(geometry, low_res, decoding)[0]
+                if count in point_names:
+                    per_mask[point_names[count]].append(_dice(prediction, target))
     model.train(was_training)
     return {
         "dice": {name: float(np.mean(v)) if v else float("nan") for name, v in per_mask.items()},
         "per_mask": per_mask,
-        "masks": len(next(iter(per_mask.values()))) if per_mask else 0,
+        "mask_images": mask_images,
+        "masks": len(mask_images),
         "images": images,
         "seconds": time.perf_counter() - start,
         "seed": seed,
+        "clicks": clicks,
     }
 
 
@@ -152,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-adapters", action="store_true", help="switch the adapters off (SAM-Med2D*)")
     parser.add_argument("--points", default="1,3,5", help="click counts to report")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clicks", default="random", choices=CLICKERS, help="the simulated annotator's clicks")
+    parser.add_argument("--preprocessing", default="evaluation", help="preprocessing policy, as the server's --conf")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results (with per-mask Dice) to this file")
@@ -167,12 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     points = tuple(int(p) for p in args.points.split(",") if p)
-    result = evaluate_model(model, samples, points, seed=args.seed)
+    decoding = ServedDecoding(policy=args.preprocessing, adapters=not args.no_adapters)
+    result = evaluate_model(model, samples, points, seed=args.seed, decoding=decoding, clicks=args.clicks)
     name = Path(args.checkpoint).name + (" (no adapters)" if args.no_adapters else "")
     print(f"{result['images']} images, {result['masks']} masks, seed {args.seed}, {result['seconds']:.1f} s")
     print(format_table({name: result}))
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, **result}, indent=1))
+        write_json_atomic(args.json, {"checkpoint": args.checkpoint, **result})
     return 0
 
 

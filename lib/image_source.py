@@ -202,7 +202,9 @@ def check_header(path: str | Path, limits: Limits) -> None:
     except ImageReadError:
         raise
     except Exception as exc:  # PIL, nibabel, pynrrd and pydicom raise many types for a broken header
-        raise ImageReadError(f"image {path.name}: unreadable header ({type(exc).__name__})") from exc
+        kind = "volume" if suffix in VOLUME_SUFFIXES else "picture" if suffix in PICTURE_SUFFIXES else "DICOM image"
+        kind = "DICOM series" if path.is_dir() else kind
+        raise ImageReadError(f"image {path.name} is not a readable {kind}: {exc}") from exc
     bound, what, key = (
         (limits.volume_voxels, "voxels", "max_volume_voxels")
         if is_volume

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .decoding import ServedDecoding, decode_view, prompt_independent_inputs, view_mask
 from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from .image_source import ImageSource, fingerprint, read_image
 from .limits import Limits
 from .model_store import ModelStore
 from .modeling import SamMed2D
-from .preprocessing import FrameGeometry, PolicyName, preprocess_image
+from .preprocessing import preprocess_image
 from .prompt_inputs import ViewPrompts
 
 logger = logging.getLogger(__name__)
@@ -142,22 +143,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def prompt_independent_inputs(
-    model: SamMed2D, features: torch.Tensor, image_pe: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """What the decoder needs with an image embedding ``(1, C, h, w)`` whatever the prompt.
-
-    Returns ``image_pe`` ``(1, C, h, w)`` (the dense positional encoding: it depends on the weights only, so pass
-    the model's one and every entry shares it) and ``src_no_mask`` = features + the dense embedding used when there
-    is no mask prompt (what the decoder's transformer reads).
-    """
-    prompt_encoder = model.prompt_encoder
-    if image_pe is None:
-        image_pe = prompt_encoder.get_dense_pe()
-    no_mask_dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-    return {"image_pe": image_pe, "src_no_mask": features + no_mask_dense}
-
-
 class InteractiveSegmenter:
     """Serves clicks on images for many clients, with the served weights of a :class:`ModelStore`.
 
@@ -165,7 +150,8 @@ class InteractiveSegmenter:
         store: where the served weights come from; :meth:`ModelStore.version_key` is checked on every click and the
             model reloaded when it changes (a newly published model serves the next click).
         device: torch device.
-        policy: preprocessing policy (``evaluation`` as the weights were trained, or ``predictor``).
+        decoding: how prompts become masks (:class:`lib.decoding.ServedDecoding`: preprocessing policy, multimask
+            default, mask prompt form, threshold), the same rule the trainer validates with.
         cache_bytes: bound of the embedding cache.
         max_sources: loaded images kept in memory (volumes are the large ones).
         max_source_bytes: bound of the loaded images' pixels (the image being clicked is kept even when larger):
@@ -184,7 +170,7 @@ class InteractiveSegmenter:
         self,
         store: ModelStore,
         device: str | torch.device = "cpu",
-        policy: PolicyName = "evaluation",
+        decoding: ServedDecoding | None = None,
         cache_bytes: int = 256 * 2**20,
         max_sources: int = 4,
         max_source_bytes: int = 1024 * 2**20,
@@ -198,7 +184,7 @@ class InteractiveSegmenter:
         self.encode_threads = encode_threads
         self.store = store
         self.device = torch.device(device)
-        self.policy = policy
+        self.decoding = decoding or ServedDecoding()
         self.cache = EmbeddingCache(cache_bytes)
         self._sources = _LRU(max_sources, max_source_bytes, lambda source: source.nbytes)
         self._states = _LRU(max_states, self.limits.state_bytes, _tensor_bytes)
@@ -260,7 +246,7 @@ class InteractiveSegmenter:
         blank = np.zeros((size // 2, size // 2, 3), dtype=np.uint8)
         with torch.inference_mode():
             tensor, geometry = preprocess_image(
-                blank, size, model.config.pixel_mean, model.config.pixel_std, self.policy, device=self.device
+                blank, size, model.config.pixel_mean, model.config.pixel_std, self.decoding.policy, device=self.device
             )
             with torch_threads(self.encode_threads):
                 entry = CachedEmbedding(model.encode(tensor), geometry)
@@ -276,13 +262,9 @@ class InteractiveSegmenter:
         with torch_threads(self.decode_threads), torch.inference_mode():
             low_res, _ = self._decode(model, entry, point, None)
             self._decode(model, entry, point, low_res)
-            geometry.masks_to_original(low_res)
+            view_mask(geometry, low_res, self.decoding)
         del entry, low_res
         release_freed_memory()
-
-    @property
-    def loaded_version_key(self) -> str | None:
-        return self._model_key
 
     # ----------------------------------------------------------------- images
     def source(self, path: str) -> tuple[ImageSource, bool]:
@@ -315,7 +297,7 @@ class InteractiveSegmenter:
         view = source.view(prompts.slice_index, prompts.window)
         with torch.inference_mode():
             tensor, geometry = preprocess_image(
-                view, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, self.policy, device=self.device
+                view, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, self.decoding.policy, device=self.device
             )
             with torch_threads(self.encode_threads):
                 features = model.encode(tensor)
@@ -336,7 +318,7 @@ class InteractiveSegmenter:
             image=source.path,
             content=source.content,
             view=view,
-            preprocessing=f"{self.policy}:{self.store.config.image_size}",
+            preprocessing=f"{self.decoding.policy}:{self.store.config.image_size}",
             model_version=model_key,
         )
 
@@ -393,9 +375,8 @@ class InteractiveSegmenter:
             times["decode"] = time.perf_counter() - t
             self._states.put(state_key, low_res)
         t = time.perf_counter()
-        geometry: FrameGeometry = entry.geometry
         with torch.inference_mode(), torch_threads(self.decode_threads):
-            mask = (geometry.masks_to_original(low_res)[0, 0] > 0).cpu().numpy()
+            mask = view_mask(entry.geometry, low_res, self.decoding)[0].cpu().numpy()
         times["upsample"] = time.perf_counter() - t
         return Segmentation(
             mask=mask,
@@ -414,39 +395,18 @@ class InteractiveSegmenter:
         self, model: SamMed2D, entry: CachedEmbedding, prompts: ViewPrompts, previous: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts (+ the previous logits) -> kept low-res logits ``(1, 1, s, s)`` and predicted IoU (scalar)."""
-        geometry: FrameGeometry = entry.geometry
         with torch.inference_mode():
-            points = None
-            if prompts.num_points:
-                coords = torch.as_tensor(geometry.points_to_input(prompts.point_coords), dtype=torch.float32)
-                labels = torch.as_tensor(prompts.point_labels, dtype=torch.int64)
-                points = (coords[None].to(self.device), labels[None].to(self.device))
-            boxes = None
-            if prompts.box is not None:
-                boxes = torch.as_tensor(geometry.boxes_to_input(prompts.box), dtype=torch.float32)[None].to(self.device)
-            sparse, _ = model.prompt_encoder(points, boxes, None)
-            if previous is None:
-                src = entry.extras["src_no_mask"]
-            else:
-                # The published predictor passes logits; training and evaluation pass probabilities.
-                mask_prompt = previous if self.policy == "predictor" else torch.sigmoid(previous)
-                src = entry.features + model.prompt_encoder.mask_downscaling(mask_prompt)
-            masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse)
-            if prompts.multimask_output:
-                candidates = iou[:, 1:]
-                best = int(candidates.argmax(dim=1)) + 1
-            else:
-                best = 0
-            return masks[:, best : best + 1].clone(), iou[0, best]
-
-    def forget(self, client_id: str | None = None) -> None:
-        """Drop remembered masks (all, or one client's)."""
-        if client_id is None:
-            self._states.clear()
-            return
-        with self._states._lock:
-            for key in [k for k in self._states._items if k[0] == client_id]:
-                self._states._items.pop(key, None)
+            low_res, iou = decode_view(
+                model,
+                entry,
+                self.decoding,
+                prompts.point_coords,
+                prompts.point_labels,
+                prompts.box,
+                previous,
+                prompts.multimask_output,
+            )
+        return low_res, iou[0]
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -454,6 +414,5 @@ class InteractiveSegmenter:
             "images_in_memory": len(self._sources),
             "image_bytes_in_memory": self._sources.size(),
             "interaction_states": len(self._states),
-            "policy": self.policy,
             "device": str(self.device),
         }

@@ -3,18 +3,23 @@
 Layout of ``model_dir``::
 
     published.pt                 plain state dict now served (written atomically; its mtime is the model's version)
-    published.json               metadata of the served version (version id, metrics, source, time)
+    published.json               metadata of the served version (version id, metrics, time, and what it was trained
+                                 from: the network config and the base checkpoint's fingerprint)
     versions/<version>/model.pt  every published version, kept with
     versions/<version>/metrics.json
 
 Inference asks :meth:`ModelStore.serving_path` and :meth:`ModelStore.version_key` on each request and reloads when
-the key changes; the trainer calls :meth:`ModelStore.publish` at the end of a successful run. Nothing here imports the
-server.
+the key changes; the trainer calls :meth:`ModelStore.publish` at the end of a successful run. A published version
+trained from another network config or another base checkpoint than the server now runs with (the same ``model_dir``
+after a change of ``--conf model`` or ``checkpoint``) is not served: the base serves and
+:meth:`ModelStore.published_mismatch` says why, for the log and ``/info``. Nothing here imports the server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +31,7 @@ from typing import Any
 import torch
 
 from .build import build_model
-from .checkpoint import load_model, save_state_dict
+from .checkpoint import CheckpointError, load_model, save_state_dict
 from .config import SamMed2DConfig, resolve_config
 from .json_files import write_json_atomic
 from .modeling import SamMed2D
@@ -34,6 +39,23 @@ from .modeling import SamMed2D
 PUBLISHED = "published.pt"
 PUBLISHED_META = "published.json"
 VERSIONS = "versions"
+_FINGERPRINT_BYTES = 1 << 20  # hashed from each end of a checkpoint: enough to tell files apart, fast for 400 MB
+
+
+def checkpoint_fingerprint(path: str | Path | None, seed: int = 0) -> str:
+    """What a base checkpoint is, cheaply: name, size and a SHA-256 of its first and last MiB (``random-init`` and
+    the seed when there is none)."""
+    if path is None:
+        return f"random-init:seed={seed}"
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            digest.update(f.read())
+    return f"{path.name}:{size}:{digest.hexdigest()[:16]}"
 
 
 class ModelStore:
@@ -61,6 +83,49 @@ class ModelStore:
         self.base_checkpoint = Path(base_checkpoint) if base_checkpoint else None
         self.adapters = adapters
         self.seed = seed
+        self._meta_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
+        self._unloadable: dict[tuple[int, int], str] = {}
+        self._fingerprint: tuple[tuple[str, int, int], str] | None = None
+        self._config_dict = self.config_dict()
+
+    # ------------------------------------------------------------------ provenance
+    def config_dict(self) -> dict[str, Any]:
+        """The network config as JSON would store it."""
+        return json.loads(json.dumps(dataclasses.asdict(self.config)))
+
+    def base_fingerprint(self) -> str:
+        """:func:`checkpoint_fingerprint` of the base, computed once per base file (inference asks on every click)."""
+        path = self.base_checkpoint
+        key = (str(path), path.stat().st_mtime_ns if path is not None else 0, self.seed)
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, checkpoint_fingerprint(path, self.seed))
+        return self._fingerprint[1]
+
+    def published_mismatch(self) -> str | None:
+        """Why the published model cannot serve with this store's config and base (``None``: it can, or there is
+        none): another architecture, another base checkpoint, or a file that failed to load."""
+        if not self.published_path.is_file():
+            return None
+        stat = self.published_path.stat()
+        failed = self._unloadable.get((stat.st_size, stat.st_mtime_ns))
+        if failed:
+            return failed
+        meta = self.published_meta()
+        version = meta.get("version", "published")
+        trained_config = meta.get("model_config")
+        if trained_config is not None and trained_config != self._config_dict:
+            current = self._config_dict
+            changed = sorted(
+                k for k in trained_config.keys() | current.keys() if trained_config.get(k) != current.get(k)
+            )
+            return f"published version {version} was trained with another network config ({', '.join(changed)} differ)"
+        trained_base = meta.get("base")
+        if trained_base is not None and trained_base != self.base_fingerprint():
+            return (
+                f"published version {version} was trained from another base checkpoint ({trained_base}; this server "
+                f"starts from {self.base_fingerprint()})"
+            )
+        return None
 
     @property
     def published_path(self) -> Path:
@@ -71,8 +136,9 @@ class ModelStore:
         return self.model_dir / VERSIONS
 
     def serving_path(self) -> Path | None:
-        """The file whose weights are served now: the published model if any, else the base checkpoint."""
-        if self.published_path.is_file():
+        """The file whose weights are served now: the published model if any (and it fits this server's config and
+        base), else the base checkpoint."""
+        if self.published_path.is_file() and self.published_mismatch() is None:
             return self.published_path
         return self.base_checkpoint
 
@@ -86,18 +152,37 @@ class ModelStore:
 
     def active_version(self) -> str:
         """Human-readable name of what serves: a published version id, ``base`` or ``random-init``."""
-        if self.published_path.is_file():
+        if self.serving_path() == self.published_path:
             meta = self.published_meta()
             return str(meta.get("version", "published"))
         return "base" if self.base_checkpoint else "random-init"
 
     def published_meta(self) -> dict[str, Any]:
+        """``published.json`` (read again only when it changed: inference asks on every click)."""
         path = self.model_dir / PUBLISHED_META
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        if self._meta_cache is None or self._meta_cache[0] != stamp:
+            self._meta_cache = (stamp, json.loads(path.read_text()))
+        return dict(self._meta_cache[1])
 
     def load(self, device: str | torch.device = "cpu") -> SamMed2D:
-        """Build and load the served model (eval mode)."""
+        """Build and load the served model (eval mode).
+
+        A published file that does not load into this config (a version of another architecture published before
+        versions recorded their config) is set aside: the base serves and :meth:`published_mismatch` says why.
+        """
         path = self.serving_path()
+        if path == self.published_path:
+            try:
+                return load_model(path, self.config, device=device, adapters=self.adapters)
+            except CheckpointError as exc:
+                stat = path.stat()
+                self._unloadable[(stat.st_size, stat.st_mtime_ns)] = f"published model does not load: {exc}"
+                path = self.serving_path()
         if path is None:
             torch.manual_seed(self.seed)
             model = build_model(self.config)
@@ -116,7 +201,13 @@ class ModelStore:
         version = f"v{len(self.list_versions()) + 1:04d}-{stamp}"
         folder = self.versions_dir / version
         save_state_dict(model_or_state, folder / "model.pt")
-        meta = {"version": version, "metrics": dict(metrics), "published_at": stamp}
+        meta = {
+            "version": version,
+            "metrics": dict(metrics),
+            "published_at": stamp,
+            "model_config": self.config_dict(),
+            "base": self.base_fingerprint(),
+        }
         write_json_atomic(folder / "metrics.json", meta)
         self._activate(folder, meta)
         return version

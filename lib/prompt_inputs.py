@@ -12,8 +12,9 @@ The request schema is described for users in ``docs/prompts.md``. In short:
 ``slice``
     the slice ``k`` of a volume; optional when the clicks (or the ROI's k range) say it.
 ``multimask_output``
-    ``true``/``false``/``"auto"``: auto decodes SAM's three candidate masks (keeping the best predicted IoU) for a
-    lone click, and the single mask otherwise.
+    ``true`` (default; ``"auto"`` is the same) decodes SAM's three candidate masks and keeps the best predicted IoU,
+    for every prompt, as the published SAM-Med2D train and test scripts do (see :mod:`lib.decoding`); ``false``
+    decodes output 0, which the published recipe never trains.
 ``window``
     ``[low, high]`` or ``{"level": L, "width": W}``: intensities mapped to 0..255 (volumes, DICOM, 16-bit pictures).
 ``reset``, ``client_id``, ``label``
@@ -141,6 +142,7 @@ def parse_prompts(
     request: Mapping[str, Any],
     view_hw: tuple[int, int],
     num_slices: int | None,
+    default_multimask: bool = True,
     max_points: int = Limits.points,
 ) -> ViewPrompts:
     """Check a request's prompts against the image and express them in pixels of one view.
@@ -150,6 +152,8 @@ def parse_prompts(
             ``window``).
         view_hw: ``(H, W)`` of the 2D view (for a volume ``(J, I)``).
         num_slices: ``K`` for a volume, ``None`` for a 2D image.
+        default_multimask: ``multimask_output`` when the request does not say (or says ``"auto"``): the server's
+            :attr:`lib.decoding.ServedDecoding.multimask_output`.
         max_points: most foreground plus background points (``--conf max_points``).
 
     Raises:
@@ -221,8 +225,7 @@ def parse_prompts(
 
     coords = np.array([[c[0], c[1]] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
-    auto_multimask = len(clicks) == 1 and box is None
-    multimask = parse_bool(request.get("multimask_output"), "multimask_output", default=auto_multimask)
+    multimask = parse_bool(request.get("multimask_output"), "multimask_output", default=default_multimask)
     return ViewPrompts(
         point_coords=coords,
         point_labels=labels,

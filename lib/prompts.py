@@ -14,6 +14,10 @@ What the published SAM-Med2D training and test scripts do, and so what this modu
   false negative is positive (label 1), on a false positive negative (label 0). When a prediction has no error left,
   clicks fall anywhere and carry the ground truth's label there (a confirming click), so a batch keeps its shape.
 
+:func:`interior_clicks` is the deterministic annotator of interactive-segmentation benchmarks (and of this project's
+promotion gate and loop benchmark): the most interior pixel of the larger error region (false negatives or false
+positives), which for the first click (nothing predicted yet) is the mask's most interior pixel.
+
 Point coordinates are integer pixel positions ``(x, y)``; the prompt encoder adds the half-pixel offset itself.
 """
 
@@ -141,6 +145,39 @@ def error_clicks(
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None]
     labels = targets[rows, ys, xs].to(torch.int64)
     return coords, labels
+
+
+def interior_clicks(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One click per row at the most interior pixel of the larger error region.
+
+    Args:
+        predictions: ``(N, H, W)`` binary predictions (all false before the first click).
+        targets: ``(N, H, W)`` ground truth masks.
+
+    Returns:
+        ``(N, 1, 2)`` float (x, y) and ``(N, 1)`` int labels: 1 when the false negatives are the larger region, 0 when
+        the false positives are. The most interior pixel is the farthest from the region's border, the image border
+        counting as border; ties go to the first in row-major order. A row without errors gets a confirming click at
+        the target's most interior pixel (label 1), or the image centre (label 0) when the target is empty.
+    """
+    predictions = (predictions > 0).cpu().numpy()
+    targets = (targets > 0).cpu().numpy()
+    coords = np.zeros((len(targets), 1, 2), dtype=np.float32)
+    labels = np.zeros((len(targets), 1), dtype=np.int64)
+    for row, (prediction, target) in enumerate(zip(predictions, targets, strict=True)):
+        missed, extra = target & ~prediction, prediction & ~target
+        region, label = (missed, 1) if missed.sum() >= extra.sum() else (extra, 0)
+        if not region.any():
+            region, label = target, 1
+        if not region.any():
+            h, w = target.shape
+            coords[row, 0] = (w // 2, h // 2)
+            continue
+        distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+        coords[row, 0] = (x, y)
+        labels[row, 0] = label
+    return torch.from_numpy(coords), torch.from_numpy(labels)
 
 
 def _sample_pixels(region: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from .decoding import ServedDecoding
 from .losses import FocalDiceIoULoss
 from .modeling import SamMed2D
 from .preprocessing import PolicyName, preprocess_image
@@ -201,12 +202,18 @@ class SimulatedAnnotator:
         config: the recipe.
         loss_fn: loss on ``(R, 1, S, S)`` logits, targets and ``(R, 1)`` predicted IoU (default: the paper's).
         rng: prompt random numbers (seeded; rank-aware under ``torch.distributed``).
+        decoding: the server's decoding rule: the previous mask enters as the server passes it.
     """
 
     def __init__(
-        self, config: RecipeConfig, loss_fn: torch.nn.Module | None = None, rng: PromptRandom | None = None
+        self,
+        config: RecipeConfig,
+        loss_fn: torch.nn.Module | None = None,
+        rng: PromptRandom | None = None,
+        decoding: ServedDecoding | None = None,
     ) -> None:
         self.config = config
+        self.decoding = decoding or ServedDecoding()
         self.loss_fn = loss_fn or FocalDiceIoULoss(config.focal_weight, reduction=config.loss_reduction)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
@@ -279,7 +286,7 @@ class SimulatedAnnotator:
             coords = point_labels = None
             if step != mask_only_step and step != cfg.decoder_iterations - 1:
                 coords, point_labels = error_clicks(previous, targets, self.rng.choice(cfg.point_choices), self.rng)
-            mask_inputs = torch.sigmoid(previous_low_res)
+            mask_inputs = self.decoding.mask_input(previous_low_res)
             with self._autocast(device):
                 low_res, iou = model.decode(rows, coords, point_labels, None, mask_inputs, cfg.multimask)
             logits = F.interpolate(low_res.float(), (s, s), mode="bilinear", align_corners=False)
@@ -421,6 +428,7 @@ class SamMed2DDataset(Dataset):
         masks_per_image: K.
         seed: seed of the mask draw.
         cache: keep preprocessed images in memory.
+        policy: preprocessing policy: the served one (:attr:`lib.decoding.ServedDecoding.policy`).
 
     Items: ``image (3, S, S)`` float32, ``label (K, S, S)`` float32 0/1, ``box (K, 4)`` float32.
     """
@@ -434,7 +442,9 @@ class SamMed2DDataset(Dataset):
         masks_per_image: int = 5,
         seed: int = 0,
         cache: bool = True,
+        policy: PolicyName = "evaluation",
     ) -> None:
+        self.policy = policy
         self.pairs = [(Path(i), [Path(m) for m in ms]) for i, ms in pairs]
         self.image_size = image_size
         self.pixel_mean = tuple(pixel_mean)
@@ -461,6 +471,7 @@ class SamMed2DDataset(Dataset):
             self.image_size,
             self.pixel_mean,
             self.pixel_std,
+            self.policy,
         )
         if self.cache:
             self._prepared[index] = item
@@ -521,10 +532,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
         for start in range(0, len(self) * step, step):
             share = order[start + self.rank * self.batch_size : start + (self.rank + 1) * self.batch_size]
             yield share.tolist()
-
-
-def steps_per_epoch(num_images: int, config: RecipeConfig, world_size: int = 1) -> int:
-    return math.floor(num_images / (config.batch_size * world_size))
 
 
 # ------------------------------------------------------------------------------------------------------ the engines
@@ -600,7 +607,7 @@ def fit(
     @engine.on(Events.ITERATION_STARTED)
     def _start_clock(engine: Engine) -> None:
         if state["start"] is None:  # the first batch's data loading (and caching) is not training speed
-            state["start"] = time_now()
+            state["start"] = time.perf_counter()
 
     @engine.on(Events.ITERATION_COMPLETED)
     def _record(engine: Engine) -> None:
@@ -614,7 +621,7 @@ def fit(
 
     @engine.on(Events.EPOCH_COMPLETED)
     def _end_epoch(engine: Engine) -> None:
-        seconds = time_now() - state["start"]
+        seconds = time.perf_counter() - state["start"]
         history["epoch_loss"].append(float(np.mean(state["losses"])))
         history["epoch_seconds"].append(seconds)
         history["images_per_second"].append(state["images"] / seconds if seconds > 0 else float("nan"))
@@ -625,9 +632,3 @@ def fit(
     engine.run(loader, max_epochs=config.epochs)
     finish_together()
     return history
-
-
-def time_now() -> float:
-    import time
-
-    return time.perf_counter()

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .decoding import ServedDecoding, decode_rows
 from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from .json_files import write_json_atomic
 from .metrics import iou_per_mask
 from .modeling import SamMed2D
-from .predictor import Predictor
-from .preprocessing import FrameGeometry, PolicyName, preprocess_image
+from .preprocessing import FrameGeometry, preprocess_image
 from .prompts import PromptRandom, jitter_boxes, largest_component_box, random_points
 
 METHODS = ("disagreement", "iou", "combined")
@@ -50,14 +50,14 @@ class UncertaintyConfig:
         box_shift: largest box jitter in input-frame pixels (the jitter is also capped at half a box side).
         method: ``disagreement``, ``iou`` or ``combined`` (their mean).
         seed: seed of the prompt draws (same seed, same model, same image: same score).
-        multimask: decode three candidates and keep the best predicted one, as inference does.
+
+    Prompts are decoded with the server's rule (:class:`lib.decoding.ServedDecoding`), as a click would be.
     """
 
     num_prompts: int = 8
     box_shift: int = 16
     method: str = "combined"
     seed: int = 0
-    multimask: bool = True
 
     def __post_init__(self) -> None:
         if self.num_prompts < 2:
@@ -99,7 +99,7 @@ class UncertaintyScorer:
     Args:
         model: the served model (eval mode is set here).
         config: the scoring settings.
-        policy: preprocessing policy (the one inference uses).
+        decoding: the server's decoding rule (preprocessing policy, multimask, threshold).
         cache: optional embedding cache; with ``model_version`` set, embeddings are looked up and stored there.
         model_version: identity of the weights, part of every cache key.
     """
@@ -108,40 +108,41 @@ class UncertaintyScorer:
         self,
         model: SamMed2D,
         config: UncertaintyConfig | None = None,
-        policy: PolicyName = "evaluation",
+        decoding: ServedDecoding | None = None,
         cache: EmbeddingCache | None = None,
         model_version: str = "",
     ) -> None:
         self.model = model.eval()
         self.config = config or UncertaintyConfig()
-        self.policy = policy
+        self.decoding = decoding or ServedDecoding()
         self.cache = cache
         self.model_version = model_version
-        self.predictor = Predictor(model, preprocess=policy)
+        self._entry: CachedEmbedding | None = None
 
-    def _embed(self, image: np.ndarray, image_id: str | None, content: str) -> tuple[torch.Tensor, FrameGeometry]:
+    def _embed(self, image: np.ndarray, image_id: str | None, content: str) -> CachedEmbedding:
         cfg = self.model.config
+        policy = self.decoding.policy
         key = None
         if self.cache is not None and image_id is not None:
-            key = EmbeddingKey(image_id, content, "", f"{self.policy}:{cfg.image_size}", self.model_version)
+            key = EmbeddingKey(image_id, content, "", f"{policy}:{cfg.image_size}", self.model_version)
             hit = self.cache.get(key)
             if hit is not None:
-                return hit.features, hit.geometry
+                return hit
         tensor, geometry = preprocess_image(
-            image, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, self.policy, device=self.model.device
+            image, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, policy, device=self.model.device
         )
         with torch.no_grad():
-            features = self.model.encode(tensor)
+            entry = CachedEmbedding(self.model.encode(tensor), geometry)
         if key is not None:
-            self.cache.put(key, CachedEmbedding(features, geometry))
-        return features, geometry
+            self.cache.put(key, entry)
+        return entry
 
     def _decode(self, coords, labels, boxes) -> tuple[torch.Tensor, torch.Tensor]:
         """Input-frame prompts -> ``(K, S, S)`` boolean masks and ``(K,)`` predicted IoU."""
-        low_res, iou = self.predictor.predict_torch(coords, labels, boxes, None, self.config.multimask)
+        low_res, iou = decode_rows(self.model, self._entry, self.decoding, coords, labels, boxes)
         size = self.model.config.image_size
         logits = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)
-        return logits[:, 0] > 0, iou[:, 0].float()
+        return logits[:, 0] > self.decoding.threshold, iou.float()
 
     @torch.no_grad()
     def score(self, image: np.ndarray, image_id: str | None = None, content: str = "") -> UncertaintyScore:
@@ -154,8 +155,8 @@ class UncertaintyScorer:
         cfg = self.config
         size = self.model.config.image_size
         device = self.model.device
-        features, geometry = self._embed(image, image_id, content)
-        self.predictor.set_embedding(features, geometry)
+        self._entry = self._embed(image, image_id, content)
+        geometry: FrameGeometry = self._entry.geometry
         h, w = geometry.original_hw
         area = geometry.masks_to_input(torch.ones(1, 1, h, w, device=device))[0, 0] > 0
 

@@ -12,8 +12,10 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 from PIL import Image
 
+from lib.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
+from lib.embedding_cache import CachedEmbedding
 from lib.image_source import ImageReadError, read_image, to_uint8
-from lib.interactive import InteractiveSegmenter, prompt_independent_inputs
+from lib.interactive import InteractiveSegmenter
 from lib.model_store import ModelStore
 from lib.prompt_inputs import InvalidRequestError, parse_prompts
 from lib.volume_io import read_nrrd, write_label, write_slice_label_nrrd
@@ -22,18 +24,25 @@ from lib.volume_io import read_nrrd, write_label, write_slice_label_nrrd
 def test_slicer_roi_pairs_in_any_order_and_slice_from_roi() -> None:
     prompts = parse_prompts({"roi": [30, 10, 40, 20, 7, 3]}, (50, 60), 12)
     np.testing.assert_array_equal(prompts.box, [10, 20, 30, 40])
-    assert prompts.slice_index == 5 and prompts.multimask_output is False
+    assert prompts.slice_index == 5 and prompts.multimask_output is True
 
 
-def test_clicks_give_the_slice_and_multimask_defaults() -> None:
+def test_clicks_give_the_slice_and_multimask_is_the_default_for_every_prompt() -> None:
+    """The published train/test scripts decode every prompt with multimask_output=True: output 0 is never trained."""
     one = parse_prompts({"foreground": [[3, 4, 5.9999]]}, (10, 10), 8)
     assert one.slice_index == 6 and one.multimask_output is True
     np.testing.assert_array_equal(one.point_coords, [[3, 4]])
     two = parse_prompts({"foreground": [[3, 4, 6]], "background": [[5, 5, 6]]}, (10, 10), 8)
-    assert two.multimask_output is False
+    assert two.multimask_output is True
     np.testing.assert_array_equal(two.point_labels, [1, 0])
+    box_and_click = parse_prompts(
+        {"box": [1, 1, 8, 8], "foreground": [[3, 4]], "multimask_output": "auto"}, (10, 10), 1
+    )
+    assert box_and_click.multimask_output is True
     forced = parse_prompts({"foreground": [[3, 4]], "slice": 2, "multimask_output": "false"}, (10, 10), 8)
     assert forced.slice_index == 2 and forced.multimask_output is False
+    server_default = parse_prompts({"box": [1, 1, 8, 8]}, (10, 10), None, default_multimask=False)
+    assert server_default.multimask_output is False
 
 
 @pytest.mark.parametrize(
@@ -107,25 +116,26 @@ def test_slice_label_nrrd_equals_the_full_volume_file(tmp_path: Path, compress: 
     np.testing.assert_allclose(read_affine, affine)
 
 
-def test_cached_decoder_inputs_give_the_models_decode(golden_dir: Path) -> None:
-    """The per-click path (prompt-independent inputs computed once) equals SamMed2D.decode, with a mask prompt too."""
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("policy", ["evaluation", "predictor"])
+def test_served_decoding_equals_the_models_decode(golden_dir: Path, multimask: bool, policy: str) -> None:
+    """The per-click path (prompt-independent inputs computed once) equals SamMed2D.decode, with a mask prompt too:
+    the previous logits enter as probabilities (evaluation policy, as the published scripts) or as logits."""
     store = ModelStore(golden_dir / "unused", golden_dir / "meta.json", golden_dir / "weights.pth")
     model = store.load()
     cases = np.load(golden_dir / "cases.npz")
+    decoding = ServedDecoding(policy=policy)
     with torch.inference_mode():
         features = torch.as_tensor(cases["features"])
-        extras = prompt_independent_inputs(model, features)
+        entry = CachedEmbedding(features, None, prompt_independent_inputs(model, features))
         points = (torch.tensor([[[120.0, 90.0], [60.0, 40.0]]]), torch.tensor([[1, 0]]))
-        mask = torch.as_tensor(cases["one_point.low_res"]).reshape(1, 1, 64, 64)
-        sparse, _ = model.prompt_encoder(points, None, None)
-        for mask_input in (None, mask):
-            src = (
-                extras["src_no_mask"] if mask_input is None else features + model.prompt_encoder.mask_downscaling(mask)
-            )
-            masks, iou = model.mask_decoder.predict_masks_from_src(src, extras["image_pe"], sparse)
-            expected, expected_iou = model.decode(features, *points, None, mask_input, multimask_output=False)
-            torch.testing.assert_close(masks[:, :1], expected, rtol=0, atol=1e-5)
-            torch.testing.assert_close(iou[:, :1], expected_iou, rtol=0, atol=1e-5)
+        previous = torch.as_tensor(cases["one_point.low_res"]).reshape(1, 1, 64, 64)
+        mask_input = torch.sigmoid(previous) if policy == "evaluation" else previous
+        for prev, model_mask in ((None, None), (previous, mask_input)):
+            low_res, iou = decode_rows(model, entry, decoding, *points, None, prev, multimask)
+            expected, expected_iou = model.decode(features, *points, None, model_mask, multimask_output=multimask)
+            torch.testing.assert_close(low_res, expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(iou, expected_iou[:, 0], rtol=0, atol=1e-5)
 
 
 def test_embedding_key_separates_views_windows_and_weights(golden_dir: Path, tmp_path: Path) -> None:
@@ -133,7 +143,7 @@ def test_embedding_key_separates_views_windows_and_weights(golden_dir: Path, tmp
 
     volume = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
     nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
-    segmenter = InteractiveSegmenter(ModelStore(tmp_path / "m", golden_dir / "meta.json"), policy="evaluation")
+    segmenter = InteractiveSegmenter(ModelStore(tmp_path / "m", golden_dir / "meta.json"))
     source, _ = segmenter.source(str(tmp_path / "v.nii.gz"))
     keys = {
         segmenter.embedding_key(source, parse_prompts(request, source.view_hw, 3), model)
@@ -156,7 +166,7 @@ def test_loaded_images_are_bounded_by_bytes(golden_dir: Path, tmp_path: Path) ->
         nib.save(nib.Nifti1Image(np.zeros((64, 64, 32), dtype=np.int16), np.eye(4)), tmp_path / f"{name}.nii.gz")
     one = 64 * 64 * 32 * 2
     store = ModelStore(tmp_path / "m", golden_dir / "meta.json")
-    segmenter = InteractiveSegmenter(store, policy="evaluation", max_sources=8, max_source_bytes=2 * one)
+    segmenter = InteractiveSegmenter(store, max_sources=8, max_source_bytes=2 * one)
     for name in ("a", "b"):
         segmenter.source(str(tmp_path / f"{name}.nii.gz"))
     assert segmenter.stats()["images_in_memory"] == 2
@@ -165,7 +175,7 @@ def test_loaded_images_are_bounded_by_bytes(golden_dir: Path, tmp_path: Path) ->
     assert segmenter.stats()["image_bytes_in_memory"] == 2 * one
     assert segmenter.source(str(tmp_path / "b.nii.gz"))[1] is True  # still in memory
     assert segmenter.source(str(tmp_path / "a.nii.gz"))[1] is False  # dropped, read again
-    tiny = InteractiveSegmenter(store, policy="evaluation", max_source_bytes=one // 2)
+    tiny = InteractiveSegmenter(store, max_source_bytes=one // 2)
     source, _ = tiny.source(str(tmp_path / "a.nii.gz"))
     assert tiny.source(str(tmp_path / "a.nii.gz"))[1] is True and source.nbytes == one
 

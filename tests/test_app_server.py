@@ -21,6 +21,7 @@ from PIL import Image
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from apps.sam_med2d.demo import build_demo_datastore
+from lib.decoding import ServedDecoding
 from lib.image_source import read_image
 from lib.interactive import InteractiveSegmenter
 from lib.model_store import ModelStore
@@ -96,7 +97,7 @@ def engine(golden: dict, tmp_path_factory: pytest.TempPathFactory) -> Interactiv
     store = ModelStore(
         tmp_path_factory.mktemp("engine_model"), golden["dir"] / "meta.json", golden["dir"] / "weights.pth"
     )
-    return InteractiveSegmenter(store, policy="predictor")
+    return InteractiveSegmenter(store, decoding=ServedDecoding(policy="predictor"))
 
 
 def infer(url: str, model: str, image: str, params: dict, **query: str) -> tuple[int, dict, bytes | None, str]:
@@ -151,6 +152,8 @@ def test_info_lists_interactive_models(server: str) -> None:
     assert info["sam_med2d"]["model_version"] == "base"
     assert info["sam_med2d"]["trained_weights"] is True
     assert "warning" not in info["sam_med2d"]
+    assert "multimask_output true by default for every prompt" in info["sam_med2d"]["decoding"]["rule"]
+    assert info["models"]["sam_med2d_points"]["config"]["multimask_output"] is True
     assert info["datastore"]["total"] >= 7
 
 
@@ -185,7 +188,7 @@ def test_golden_correction_uses_the_previous_mask(server: str, golden: dict) -> 
 
 
 def test_click_then_refine_with_client(server: str, tmp_path: Path) -> None:
-    """MONAILabelClient: first click (multimask by default), then a correction that reuses the previous mask."""
+    """MONAILabelClient: first click, then a correction that reuses the previous mask (multimask for both)."""
     client = MONAILabelClient(server, tmpdir=str(tmp_path), client_id="annotator-1")
     first_file, first = client.infer("sam_med2d_points", "golden", {"foreground": [[120, 90]], "label": "liver"})
     assert first["multimask_output"] is True and first["used_previous_mask"] is False
@@ -196,7 +199,7 @@ def test_click_then_refine_with_client(server: str, tmp_path: Path) -> None:
         "sam_med2d_points", "golden", {"foreground": [[120, 90]], "background": [[60, 40]], "label": "liver"}
     )
     assert second["embedding_cached"] is True
-    assert second["used_previous_mask"] is True and second["multimask_output"] is False
+    assert second["used_previous_mask"] is True and second["multimask_output"] is True
     assert not np.array_equal(np.asarray(Image.open(first_file)), np.asarray(Image.open(second_file)))
     _, reset = client.infer(
         "sam_med2d_points",

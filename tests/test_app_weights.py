@@ -63,7 +63,7 @@ def test_published_weights_serve_the_next_request(setup, golden_dir: Path) -> No
     status, before, before_png, _ = infer(url, "sam_med2d_points", "ct", click)
     assert status == 200 and before["model_version"] == "random-init"
 
-    store = ModelStore(model_dir, golden_dir / "meta.json")
+    store = ModelStore(model_dir, golden_dir / "meta.json", seed=3)  # the server's store, as its trainer has it
     state, _ = read_state_dict(golden_dir / "weights.pth")
     version = store.publish(state, {"dice": 0.5})
 
@@ -71,7 +71,7 @@ def test_published_weights_serve_the_next_request(setup, golden_dir: Path) -> No
     assert status == 200, after
     assert after["model_version"] == version and after["trained_weights"] is True
     assert after["embedding_cached"] is False  # new weights, new embedding
-    reference = InteractiveSegmenter(ModelStore(model_dir, golden_dir / "meta.json"), policy="evaluation")
+    reference = InteractiveSegmenter(ModelStore(model_dir, golden_dir / "meta.json", seed=3))
     source = read_image(studies / "ct.png")
     expected = reference.segment_view(source, parse_prompts(click, source.view_hw, None))
     np.testing.assert_array_equal(read_png(after_png).astype(bool), expected.mask)
@@ -79,3 +79,30 @@ def test_published_weights_serve_the_next_request(setup, golden_dir: Path) -> No
     info = requests.get(f"{url}/info/").json()["sam_med2d"]
     assert info["model_version"] == version and "warning" not in info
     assert json.loads((model_dir / "published.json").read_text())["version"] == version
+
+
+def test_versions_of_another_architecture_do_not_stop_the_server(tmp_path: Path, golden_dir: Path) -> None:
+    """A model_dir holding a version trained with another network config (same folder, another --conf model): the
+    server starts on the base weights, says so loudly in its log and /info, and answers clicks."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    Image.fromarray(np.load(golden_dir / "cases.npz")["image"]).save(studies / "ct.png")
+    golden = json.loads((golden_dir / "meta.json").read_text())["config"]
+    other = {**golden, "encoder_depth": golden["encoder_depth"] + 1}
+    other_store = ModelStore(tmp_path / "model", other)
+    version = other_store.publish(other_store.load(), {"val_dice": {"mean": 0.9}})
+    conf = {
+        "model": golden_dir / "meta.json",
+        "checkpoint": golden_dir / "weights.pth",
+        "model_dir": tmp_path / "model",
+    }
+    url = start_server("apps/sam_med2d", studies, conf)
+    try:
+        info = requests.get(f"{url}/info/").json()["sam_med2d"]
+        assert info["model_version"] == "base" and info["trained_weights"] is True
+        assert version in info["published_not_served"] and "encoder_depth" in info["published_not_served"]
+        assert "NOT SERVING THE PUBLISHED MODEL" in server_log(url) and "encoder_depth" in server_log(url)
+        status, result, _, _ = infer(url, "sam_med2d_points", "ct", {"foreground": [[120, 90]]})
+        assert status == 200 and result["model_version"] == "base"
+    finally:
+        stop_server(url)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from lib.build import build_model
 from lib.checkpoint import load_model
+from lib.decoding import ServedDecoding
 from lib.interactive import InteractiveSegmenter
 from lib.model_store import ModelStore
 from lib.predictor import Predictor
@@ -62,7 +63,7 @@ def test_served_click_path_on_cuda(golden_dir: Path, cases, meta: dict, tmp_path
     image = tmp_path / "golden.png"
     Image.fromarray(cases["image"]).save(image)
     store = ModelStore(tmp_path / "model", golden_dir / "meta.json", golden_dir / "weights.pth")
-    segmenter = InteractiveSegmenter(store, device="cuda", policy="predictor")
+    segmenter = InteractiveSegmenter(store, device="cuda", decoding=ServedDecoding(policy="predictor"))
     segmenter.warm_up()
     spec = meta["cases"][case]
     request: dict = {"multimask_output": spec["multimask_output"]}

@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from lib import evaluation
 from lib.checkpoint import load_model
+from lib.decoding import decode_view, view_mask
 from lib.evaluation import EvalSample, evaluate_model, samples_from_layout
-from lib.prompts import PromptRandom, error_clicks
+from lib.prompts import interior_clicks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,46 +30,53 @@ def test_two_runs_with_one_seed_agree(golden_dir: Path, data_dir: Path) -> None:
     assert all(0.0 <= v <= 1.0 for v in first["dice"].values())
 
 
-def test_clicks_accumulate_from_the_error_region_with_mask_feedback(golden_dir: Path) -> None:
-    """Replays the protocol's prompts step by step and checks the decoder saw exactly those prompts."""
+@pytest.mark.parametrize("clicks", ["random", "interior"])
+def test_clicks_accumulate_from_the_error_region_with_mask_feedback(golden_dir: Path, monkeypatch, clicks) -> None:
+    """Replays the protocol's prompts step by step: each new click lies on an error of the prediction before it, in
+    the image's own pixels, with its label; earlier clicks are kept and the previous mask is the mask prompt."""
     model = load_model(golden_dir / "weights.pth", golden_dir / "meta.json")
     image = np.asarray(np.load(golden_dir / "cases.npz")["image"])  # 181 x 258: resized to the input frame
     mask = np.zeros(image.shape[:2], dtype=bool)
     mask[60:140, 80:200] = True
-    seen: list[dict[str, torch.Tensor | None]] = []
-    decode = model.decode
+    seen: list[dict] = []
 
-    def recording_decode(embeddings, point_coords=None, point_labels=None, boxes=None, mask_inputs=None, *a, **k):
-        seen.append({"coords": point_coords, "labels": point_labels, "mask": mask_inputs})
-        return decode(embeddings, point_coords, point_labels, boxes, mask_inputs, *a, **k)
+    def recording_decode_view(model, entry, decoding, point_coords=None, point_labels=None, box=None, prev=None):
+        low_res, iou = decode_view(model, entry, decoding, point_coords, point_labels, box, prev)
+        seen.append({"coords": point_coords, "labels": point_labels, "previous": prev, "low_res": low_res})
+        seen[-1]["mask"] = view_mask(entry.geometry, low_res, decoding)[0].numpy()
+        return low_res, iou
 
-    model.decode = recording_decode
-    evaluate_model(model, [EvalSample(image, mask[None])], points=(1, 3), box=False, seed=11)
-    assert len(seen) == 3
-    assert seen[0]["coords"].shape == (1, 1, 2) and seen[0]["mask"] is None and seen[0]["labels"].item() == 1
+    monkeypatch.setattr(evaluation, "decode_view", recording_decode_view)
+    result = evaluate_model(model, [EvalSample(image, mask[None])], points=(1, 3), box=False, seed=11, clicks=clicks)
+    assert len(seen) == 3 and seen[0]["previous"] is None
+    assert seen[0]["coords"].shape == (1, 2) and seen[0]["labels"].tolist() == [1]
+    x, y = seen[0]["coords"][0].astype(int)
+    assert mask[y, x], "the first click is on the structure"
     for step in (1, 2):
         previous, current = seen[step - 1], seen[step]
-        assert torch.equal(current["coords"][:, :-1], previous["coords"]), "earlier clicks must be kept"
-        assert current["mask"] is not None and current["mask"].min() >= 0 and current["mask"].max() <= 1
-    # The new clicks lie in the error region of the previous prediction and carry its label.
-    model.decode = decode
-    frame = torch.nn.functional.interpolate(torch.as_tensor(mask)[None, None].float(), (256, 256), mode="nearest")
-    rng = PromptRandom(0)
-    low_res, _ = model.decode(
-        model.encode(_input(model, image)), seen[1]["coords"], seen[1]["labels"], None, seen[1]["mask"], True
-    )
-    prediction = torch.nn.functional.interpolate(low_res, (256, 256), mode="bilinear", align_corners=False)[:, 0] > 0
-    x, y = seen[2]["coords"][0, -1].long().tolist()
-    assert bool(prediction[0, y, x]) != bool(frame[0, 0, y, x] > 0), "the third click is not on an error"
-    assert seen[2]["labels"][0, -1].item() == int(frame[0, 0, y, x] > 0)
-    assert error_clicks(prediction, frame[:, 0], 1, rng)[0].shape == (1, 1, 2)
+        np.testing.assert_array_equal(current["coords"][:-1], previous["coords"])
+        assert current["previous"] is previous["low_res"]
+        x, y = current["coords"][-1].astype(int)
+        assert previous["mask"][y, x] != mask[y, x], "the new click is not on an error of the previous prediction"
+        assert current["labels"][-1] == int(mask[y, x])
+    expected = 2 * (seen[2]["mask"] & mask).sum() / (seen[2]["mask"].sum() + mask.sum())
+    assert result["dice"]["3 points"] == pytest.approx(expected, abs=1e-6)
+    if clicks == "interior":
+        x, y = seen[0]["coords"][0]
+        assert min(x - 80 + 1, 200 - x, y - 60 + 1, 140 - y) == 40, "the first click is the most interior pixel"
 
 
-def _input(model, image: np.ndarray) -> torch.Tensor:
-    from lib.preprocessing import preprocess_image
-
-    cfg = model.config
-    return preprocess_image(image, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, "evaluation")[0]
+def test_interior_clicks_pick_the_larger_error_region() -> None:
+    target = torch.zeros(1, 20, 30, dtype=torch.bool)
+    target[0, 2:18, 2:12] = True
+    prediction = torch.zeros_like(target)
+    prediction[0, 2:18, 2:6] = True  # misses columns 6..11 (96 pixels)
+    prediction[0, 0:2, 20:30] = True  # 20 extra pixels
+    coords, labels = interior_clicks(prediction, target)
+    assert labels.tolist() == [[1]] and 6 <= coords[0, 0, 0] <= 11 and 2 <= coords[0, 0, 1] <= 17
+    prediction[0, :, 14:30] = True  # now 320 extra pixels: the larger region
+    coords, labels = interior_clicks(prediction, target)
+    assert labels.tolist() == [[0]] and coords[0, 0, 0] >= 14
 
 
 def test_evaluation_command_prints_the_papers_table(golden_dir: Path, data_dir: Path) -> None:

@@ -65,3 +65,42 @@ def test_a_publish_that_fails_midway_leaves_the_served_model(tmp_path: Path, gol
     assert json.loads((tmp_path / "published.json").read_text())["version"] == v1
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_published_versions_record_what_they_were_trained_from(
+    tmp_path: Path, golden_dir: Path, golden_config: dict
+) -> None:
+    store = ModelStore(tmp_path, golden_config, base_checkpoint=golden_dir / "weights.pth")
+    version = store.publish(_state(golden_config, 1), {"val_dice": 0.5})
+    meta = store.published_meta()
+    assert meta["model_config"] == store.config_dict() and meta["base"].startswith("weights.pth:")
+    assert store.published_mismatch() is None and store.active_version() == version
+
+    # Another base checkpoint (a changed --conf checkpoint): the version is not served, the base is, with the reason.
+    other_base = tmp_path / "other.pth"
+    other_base.write_bytes((golden_dir / "weights.pth").read_bytes() + b"\0")
+    moved = ModelStore(tmp_path, golden_config, base_checkpoint=other_base)
+    assert "another base checkpoint" in moved.published_mismatch()
+    assert moved.serving_path() == other_base and moved.active_version() == "base"
+
+    # Another architecture: the same, and loading gives the base network.
+    wider = ModelStore(tmp_path, {**golden_config, "encoder_depth": golden_config["encoder_depth"] + 1})
+    assert "encoder_depth" in wider.published_mismatch() and wider.active_version() == "random-init"
+    assert wider.load().config.encoder_depth == golden_config["encoder_depth"] + 1
+
+
+def test_a_published_file_that_does_not_load_falls_back_to_the_base(
+    tmp_path: Path, golden_dir: Path, golden_config: dict
+) -> None:
+    """A version published before versions recorded their config, of another architecture: set aside when it fails
+    to load, the base serves, the reason is kept."""
+    store = ModelStore(tmp_path, golden_config, base_checkpoint=golden_dir / "weights.pth")
+    wider = {**golden_config, "encoder_depth": golden_config["encoder_depth"] + 1}
+    store.publish(_state(wider, 1), {"val_dice": 0.5})
+    meta = json.loads((tmp_path / "published.json").read_text())
+    del meta["model_config"], meta["base"]
+    (tmp_path / "published.json").write_text(json.dumps(meta))
+    assert store.published_mismatch() is None and store.serving_path() == store.published_path
+    model = store.load()
+    assert _equal(model.state_dict(), torch.load(golden_dir / "weights.pth", weights_only=True)["model"])
+    assert "does not load" in store.published_mismatch() and store.active_version() == "base"

@@ -29,9 +29,9 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import strtobool
 
 from lib.conf_values import dataclass_from_conf
+from lib.decoding import ServedDecoding
 from lib.image_source import ImageReadError, fingerprint, read_image
 from lib.model_store import ModelStore
-from lib.preprocessing import PolicyName
 from lib.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class SamUncertaintyScoring(ScoringMethod):
         model_store: the served weights.
         config: scoring settings (prompts, method, seed).
         device: where the model runs.
-        policy: preprocessing policy (the one inference uses).
+        decoding: the server's decoding rule (the one inference uses).
         threads: torch CPU threads of the scoring process (few, so inference keeps its cores).
         score_remote: also score a DICOMweb (PACS) datastore; off by default because scoring reads every unlabeled
             series, which on a PACS means downloading all of them.
@@ -62,7 +62,7 @@ class SamUncertaintyScoring(ScoringMethod):
         model_store: ModelStore,
         config: UncertaintyConfig | None = None,
         device: str = "cpu",
-        policy: PolicyName = "evaluation",
+        decoding: ServedDecoding | None = None,
         threads: int = 1,
         score_remote: bool = False,
     ) -> None:
@@ -70,7 +70,7 @@ class SamUncertaintyScoring(ScoringMethod):
         self.model_store = model_store
         self.config = config or UncertaintyConfig()
         self.device = device
-        self.policy = policy
+        self.decoding = decoding or ServedDecoding()
         self.threads = threads
         self.score_remote = score_remote
         self.scores = UncertaintyScores(model_store.model_dir / SCORES_FILE)
@@ -121,7 +121,7 @@ class SamUncertaintyScoring(ScoringMethod):
             self.scores.save(data)
             return {"model_version": version, "scored": 0, "total": len(images)}
 
-        scorer = UncertaintyScorer(self.model_store.load(self.device), self.config, policy=self.policy)
+        scorer = UncertaintyScorer(self.model_store.load(self.device), self.config, self.decoding)
         start = last_save = time.perf_counter()
         failed = 0
         for count, image_id in enumerate(todo, 1):
@@ -233,14 +233,14 @@ def active_learning_strategies(conf: Mapping[str, Any], model_store: ModelStore)
 
 
 def active_learning_scoring(
-    conf: Mapping[str, Any], model_store: ModelStore, device: str, policy: PolicyName
+    conf: Mapping[str, Any], model_store: ModelStore, device: str, decoding: ServedDecoding
 ) -> dict[str, ScoringMethod]:
     """The app's ``/scoring`` methods: ``sam_uncertainty``."""
     threads = int(conf.get("uncertainty_threads", 1))
     config = uncertainty_config_from_conf(conf)
     score_remote = bool(strtobool(str(conf.get("uncertainty_on_pacs", "false"))))
     scoring = SamUncertaintyScoring(
-        model_store, config, device=device, policy=policy, threads=threads, score_remote=score_remote
+        model_store, config, device=device, decoding=decoding, threads=threads, score_remote=score_remote
     )
     return {NAME: scoring}
 

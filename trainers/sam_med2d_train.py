@@ -8,10 +8,13 @@ clicks). One run:
    class and connected component, small masks dropped) into the run's cache folder, and splits them by image into
    training and held-out validation labels (``val_split``);
 2. starts from the served model (:class:`lib.model_store.ModelStore`) or, for the paper's recipe, a checkpoint;
-3. validates the starting weights and every epoch's weights on the held-out labels with the paper's protocol
-   (:mod:`lib.evaluation`: box, 1, 3, 5 clicks; seeded), writes everything to ``train_stats.json``;
+3. validates the model that serves now, the starting weights (when they differ) and every epoch's weights on the
+   held-out labels, decoded exactly as the server decodes (:class:`lib.decoding.ServedDecoding` and
+   :func:`lib.decoding.decode_view`, the function a click runs; :mod:`lib.evaluation`: box, then 1, 3, 5 clicks of the
+   deterministic interior-point annotator with the previous mask), writes everything to ``train_stats.json``;
 4. at the very end, publishes the best epoch through ``ModelStore.publish`` (a plain state dict, written
-   atomically, kept with its metrics) only if its mean validation Dice is not lower than the starting weights'.
+   atomically, kept with its metrics) only if its mean validation Dice is not lower than that of the model serving
+   at that moment (re-validated when another version started serving during the run, e.g. after a rollback).
    A run that fails or is stopped publishes nothing, so the served model stays as it was.
 
 Request / config keys (all optional; values may be strings): ``recipe`` (``continual`` or ``sam_med2d_paper``),
@@ -40,6 +43,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.checkpoint import load_model, read_state_dict, save_state_dict
 from lib.curation import CurationError, iter_curated, split_cases, stem, write_slices
+from lib.decoding import ServedDecoding
 from lib.evaluation import EvalSample, evaluate_model
 from lib.json_files import write_json_atomic
 from lib.losses import FocalDiceIoULoss
@@ -77,6 +81,8 @@ class SamMed2DTrain(BasicTrainTask):
 
     Args:
         model_store: the served weights (the run starts from them and publishes through them).
+        decoding: the server's decoding rule: training data is prepared with its preprocessing, validation decodes
+            with it (the app passes the one its infer tasks use).
         recipe_name: default recipe (``continual``); a request may pick another.
         overrides: default recipe overrides (e.g. from the app's ``--conf``).
         description: shown in ``/info``.
@@ -85,11 +91,13 @@ class SamMed2DTrain(BasicTrainTask):
     def __init__(
         self,
         model_store: ModelStore,
+        decoding: ServedDecoding | None = None,
         recipe_name: str = "continual",
         overrides: dict[str, Any] | None = None,
         description: str = "Adapter fine-tuning of SAM-Med2D on saved labels (the paper's simulated-annotator recipe)",
     ) -> None:
         self.model_store = model_store
+        self.decoding = decoding or ServedDecoding()
         self.recipe_name = recipe_name
         self.default_recipe = recipe(recipe_name, overrides)
         runs_dir = Path(model_store.model_dir) / "train"
@@ -204,7 +212,9 @@ class SamMed2DTrain(BasicTrainTask):
     def network(self, context: Context) -> torch.nn.Module:
         config = context.recipe
         if config.init == "checkpoint":
-            return load_model(config.checkpoint, self.model_store.config, device=context.device)
+            return load_model(
+                config.checkpoint, self.model_store.config, device=context.device, adapters=self.decoding.adapters
+            )
         return self.model_store.load(context.device)
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
@@ -214,7 +224,7 @@ class SamMed2DTrain(BasicTrainTask):
         return FocalDiceIoULoss(context.recipe.focal_weight, reduction=context.recipe.loss_reduction)
 
     def train_iteration_update(self, context: Context):
-        annotator = SimulatedAnnotator(context.recipe, self.loss_function(context))
+        annotator = SimulatedAnnotator(context.recipe, self.loss_function(context), decoding=self.decoding)
         return iteration_update(annotator)
 
     # ------------------------------------------------------------------ MONAI Label hooks
@@ -257,6 +267,7 @@ class SamMed2DTrain(BasicTrainTask):
             self.model_store.config.pixel_std,
             masks_per_image=config.masks_per_image,
             seed=config.seed,
+            policy=self.decoding.policy,
         )
         if len(dataset) < config.batch_size * world:
             smaller = max(1, len(dataset) // world)
@@ -282,7 +293,12 @@ class SamMed2DTrain(BasicTrainTask):
 
 
 class ValidateAndPublish:
-    """Validation with the paper's protocol, train stats, and publishing at the very end of a successful run."""
+    """Validation decoded as the server decodes, train stats, and the promotion gate at the end of a successful run.
+
+    The gate compares the best epoch with the model that serves when the run ends, on the same held-out labels: the
+    starting weights differ from it when a run starts from a checkpoint, and the served version may change during the
+    run (a rollback), so the served model is validated in its own right.
+    """
 
     def __init__(self, task: SamMed2DTrain, context: Context, dataset: SamMed2DDataset, loader: Any) -> None:
         self.task = task
@@ -295,6 +311,7 @@ class ValidateAndPublish:
         self.best_path = Path(context.output_dir) / "best.pt"
         self.samples: list[EvalSample] = []
         self.stats: dict[str, Any] = {}
+        self.served_key = ""
         self.epoch_start = 0.0
         self.epoch_images = 0
         self.epoch_losses: list[float] = []
@@ -311,11 +328,38 @@ class ValidateAndPublish:
     def model(self) -> torch.nn.Module:
         return self.context.network
 
-    def _validate(self) -> dict[str, Any]:
-        result = evaluate_model(self.model, self.samples, self.config.val_points, seed=self.config.seed)
+    def _validate(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        result = evaluate_model(
+            model if model is not None else self.model,
+            self.samples,
+            self.config.val_points,
+            seed=self.config.seed,
+            decoding=self.task.decoding,
+            clicks="interior",
+        )
         dice = dict(result["dice"])
         dice["mean"] = float(np.mean(list(result["dice"].values())))
-        return {"dice": dice, "masks": result["masks"], "images": result["images"], "seconds": result["seconds"]}
+        return {
+            "dice": dice,
+            "masks": result["masks"],
+            "images": result["images"],
+            "seconds": result["seconds"],
+            "per_mask": result["per_mask"],
+            "mask_images": result["mask_images"],
+        }
+
+    def _validate_served(self) -> dict[str, Any]:
+        """The model serving now, validated like the epochs (loaded apart when the run did not start from it)."""
+        store = self.task.model_store
+        self.served_key = store.version_key()
+        version = store.active_version()
+        if self.config.init == "served" and "baseline" in self.stats and self.stats["served"]["key"] == self.served_key:
+            return {**self.stats["baseline"], "version": version, "key": self.served_key}
+        served = store.load(self.context.device)
+        try:
+            return {**self._validate(served), "version": version, "key": self.served_key}
+        finally:
+            del served
 
     def _write_stats(self) -> None:
         if self.rank == 0:
@@ -323,28 +367,32 @@ class ValidateAndPublish:
 
     def started(self, engine: SupervisedTrainer) -> None:
         ctx = self.context
+        store = self.task.model_store
         self.stats = {
             "status": "running",
             "run_id": ctx.run_id,
             "start_ts": int(ctx.start_ts),
             "recipe": self.config.to_dict(),
+            "decoding": self.task.decoding.to_dict(),
             "world_size": ctx.distributed_world,
             "train_images": len(ctx.train_datalist),
             "val_images": len(ctx.val_datalist),
-            "served_before": self.task.model_store.active_version(),
+            "served_before": store.active_version(),
+            "served": {"version": store.active_version(), "key": store.version_key()},
             "epochs": [],
         }
         if self.rank != 0:
             return
         val = ctx.val_datalist[: self.config.val_max_images] if self.config.val_max_images else ctx.val_datalist
         self.samples = [
-            EvalSample(read_image(r["image"]), np.stack([read_mask(m) for m in r["masks"]]), r["image"]) for r in val
+            EvalSample(read_image(r["image"]), np.stack([read_mask(m) for m in r["masks"]]), r["case"]) for r in val
         ]
         if self.samples:
             self.stats["baseline"] = self._validate()
-            self.stats["best_metric"] = self.stats["baseline"]["dice"]["mean"]
-            self.stats["best_epoch"] = 0
+            self.stats["served"] = self._validate_served()
             logger.info(f"Validation of the starting weights: {self._table(self.stats['baseline'])}")
+            if self.config.init != "served":
+                logger.info(f"Validation of the served model: {self._table(self.stats['served'])}")
         self._write_stats()
 
     def epoch_started(self, engine: SupervisedTrainer) -> None:
@@ -378,7 +426,7 @@ class ValidateAndPublish:
             row["val"] = self._validate()
             mean = row["val"]["dice"]["mean"]
             logger.info(f"Epoch {engine.state.epoch} validation: {self._table(row['val'])}")
-            if mean >= self.stats["best_metric"]:  # ties with the starting weights count as "did not drop"
+            if "best_epoch" not in self.stats or mean > self.stats["best_metric"]:
                 self.stats["best_metric"] = mean
                 self.stats["best_epoch"] = engine.state.epoch
                 save_state_dict(self.model, self.best_path)
@@ -394,29 +442,38 @@ class ValidateAndPublish:
         if not self.samples:
             self.stats["published"] = None
             self.stats["publish_reason"] = "no held-out labels to validate on (needs at least two labelled images)"
-        elif self.stats["best_epoch"] == 0:
-            self.stats["published"] = None
-            self.stats["publish_reason"] = (
-                f"validation Dice dropped: best epoch {max(r['val']['dice']['mean'] for r in self.stats['epochs']):.4f}"
-                f" < starting weights {self.stats['baseline']['dice']['mean']:.4f}; served model kept"
-            )
         else:
+            if store.version_key() != self.served_key:  # another version serves now (a rollback, another run)
+                logger.info(f"The served model changed during the run ({store.active_version()}); validating it")
+                self.stats["served"] = self._validate_served()
+            served = self.stats["served"]
             best = next(r for r in self.stats["epochs"] if r["epoch"] == self.stats["best_epoch"])
-            metrics = {
-                "val_dice": best["val"]["dice"],
-                "baseline_val_dice": self.stats["baseline"]["dice"],
-                "epoch": best["epoch"],
-                "run_id": self.stats["run_id"],
-                "recipe": self.config.name,
-                "train_images": self.stats["train_images"],
-                "val_images": self.stats["val_images"],
-            }
-            version = store.publish(read_state_dict(self.best_path)[0], metrics)
-            self.stats["published"] = version
-            self.stats["publish_reason"] = (
-                f"validation Dice {best['val']['dice']['mean']:.4f} (epoch {best['epoch']}) >= starting weights "
-                f"{self.stats['baseline']['dice']['mean']:.4f}"
-            )
+            best_mean, served_mean = best["val"]["dice"]["mean"], served["dice"]["mean"]
+            if best_mean < served_mean:
+                self.stats["published"] = None
+                self.stats["publish_reason"] = (
+                    f"validation Dice would drop: best epoch {best['epoch']} {best_mean:.4f} < served model "
+                    f"{served['version']} {served_mean:.4f}; served model kept"
+                )
+            else:
+                metrics = {
+                    "val_dice": best["val"]["dice"],
+                    "served_val_dice": served["dice"],
+                    "served_version": served["version"],
+                    "baseline_val_dice": self.stats["baseline"]["dice"],
+                    "epoch": best["epoch"],
+                    "run_id": self.stats["run_id"],
+                    "recipe": self.config.name,
+                    "train_images": self.stats["train_images"],
+                    "val_images": self.stats["val_images"],
+                    "decoding": self.task.decoding.to_dict(),
+                }
+                version = store.publish(read_state_dict(self.best_path)[0], metrics)
+                self.stats["published"] = version
+                self.stats["publish_reason"] = (
+                    f"validation Dice {best_mean:.4f} (epoch {best['epoch']}) >= served model {served['version']} "
+                    f"{served_mean:.4f}"
+                )
         self.stats["served_after"] = store.active_version()
         self.stats["total_time"] = time.time() - self.context.start_ts
         logger.info(f"Training finished: {self.stats['publish_reason']}; serving {self.stats['served_after']}")

@@ -10,7 +10,8 @@ Conf keys (all optional):
 ``model_dir``     where the served and published weights live (default ``apps/sam_med2d/model``)
 ``adapters``      ``true`` (SAM-Med2D) or ``false`` (SAM-Med2D*, adapters switched off)
 ``device``        ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available
-``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor)
+``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor);
+                  training data and validation follow it (one decoding rule, :class:`lib.decoding.ServedDecoding`)
 ``download``      ``true`` (default) / ``false``; ``download_url`` overrides where from
 ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 256; about 330 image views of ViT-B)
@@ -62,6 +63,7 @@ from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
 from lib.asgi_threads import ThreadedPaths  # noqa: E402
 from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
+from lib.decoding import ServedDecoding  # noqa: E402
 from lib.http_guard import GuardPolicy, HttpGuard, RequestRefusedError, wrap_running_app  # noqa: E402
 from lib.interactive import InteractiveSegmenter  # noqa: E402
 from lib.limits import Limits  # noqa: E402
@@ -135,18 +137,21 @@ class SamMed2DApp(MONAILabelApp):
         policy = self.conf.get("preprocessing", "evaluation")
         if policy not in POLICIES:
             raise ValueError(f"--conf preprocessing must be one of {POLICIES}, got {policy!r}")
+        adapters = _flag(self.conf, "adapters", True)
+        # How prompts become masks, for serving, the trainer's validation and gate, and uncertainty scoring.
+        self.decoding = ServedDecoding(policy=policy, adapters=adapters)  # type: ignore[arg-type]
         self.model_store = ModelStore(
             model_dir,
             self.network_config,
             base_checkpoint=self.checkpoint,
-            adapters=_flag(self.conf, "adapters", True),
+            adapters=adapters,
             seed=int(self.conf.get("seed", 0)),
         )
         device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.segmenter = InteractiveSegmenter(
             self.model_store,
             device=device,
-            policy=policy,  # type: ignore[arg-type]
+            decoding=self.decoding,
             cache_bytes=int(float(self.conf.get("cache_mb", 256)) * 2**20),
             max_source_bytes=int(float(self.conf.get("image_memory_mb", 1024)) * 2**20),
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
@@ -206,7 +211,7 @@ class SamMed2DApp(MONAILabelApp):
         return active_learning_strategies(self.conf, self.model_store)
 
     def init_scoring_methods(self) -> dict[str, Any]:
-        return active_learning_scoring(self.conf, self.model_store, str(self.segmenter.device), self.segmenter.policy)
+        return active_learning_scoring(self.conf, self.model_store, str(self.segmenter.device), self.decoding)
 
     def init_trainers(self) -> dict[str, TrainTask]:
         """``sam_med2d``: adapter fine-tuning on the saved labels (``--conf train_recipe``: ``continual`` default;
@@ -214,7 +219,9 @@ class SamMed2DApp(MONAILabelApp):
         start = self.conf.get("train_checkpoint")
         overrides = {"init": "checkpoint", "checkpoint": str(_resolve_path(start))} if start else None
         recipe_name = self.conf.get("train_recipe", "continual")
-        return {"sam_med2d": SamMed2DTrain(self.model_store, recipe_name=recipe_name, overrides=overrides)}
+        return {
+            "sam_med2d": SamMed2DTrain(self.model_store, self.decoding, recipe_name=recipe_name, overrides=overrides)
+        }
 
     # ------------------------------------------------------------ server life
     def on_init_complete(self) -> None:
@@ -240,6 +247,18 @@ class SamMed2DApp(MONAILabelApp):
             banner = "!" * 100
             logger.warning("\n%s\n%s\n%s", banner, self.weights_warning, banner)
         self.segmenter.warm_up()
+        mismatch = store.published_mismatch()
+        if mismatch:
+            banner = "!" * 100
+            logger.warning(
+                "\n%s\nNOT SERVING THE PUBLISHED MODEL in %s: %s. Serving the base weights instead; the next promoted "
+                "run publishes a version for this configuration (or start with the config and checkpoint it was "
+                "trained from).\n%s",
+                banner,
+                store.model_dir,
+                mismatch,
+                banner,
+            )
         self._start_retraining()
         logger.info("SAM-Med2D ready: %s", self.weights_info())
 
@@ -310,8 +329,12 @@ class SamMed2DApp(MONAILabelApp):
             "trained_weights": serving is not None,
             "model": self.conf.get("model", "vit_b"),
             "adapters": store.adapters,
-            "preprocessing": self.segmenter.policy,
+            "preprocessing": self.decoding.policy,
+            "decoding": {**self.decoding.to_dict(), "rule": self.decoding.describe()},
         }
+        mismatch = store.published_mismatch()
+        if mismatch:
+            info["published_not_served"] = f"{mismatch}; serving the base weights"
         if serving is None and self.weights_warning:
             info["warning"] = self.weights_warning
         if self.segmenter.last_load_error:
