@@ -5,7 +5,7 @@
 for labels. Here an uploaded image's id and a label's tag must be plain names (:func:`lib.limits.is_plain_name`),
 the file's extension one the datastore lists (``x.json`` would overwrite ``datastore_v2.json``), and the file an
 image within the server's bounds, checked from its header. A refusal is an HTTP 4xx naming the problem, raised
-before anything is written.
+before anything is written. A saved label is fsynced (file, folder, datastore index) before the save is answered.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from lib.image_source import ImageReadError, check_header
+from lib.json_files import fsync_path
 from lib.limits import Limits, is_plain_name
 
 
@@ -65,4 +66,10 @@ class SafeLocalDatastore(LocalDatastore):
         if image_id not in self.list_images():  # its id then names the label file: only known ids do
             raise HTTPException(404, f"image {str(image_id)[:80]!r} is not in the datastore")
         self._check_file(label_filename, "a label")
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        label_id = super().save_label(image_id, label_filename, label_tag, label_info)
+        # An annotator's saved work is on disk before the save is acknowledged (training reads it later).
+        label_path = Path(self.get_label_uri(label_id, label_tag))
+        for path in (label_path, label_path.parent, self.root / "datastore_v2.json", self.root):
+            if path.exists():
+                fsync_path(path)
+        return label_id

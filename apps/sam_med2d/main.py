@@ -8,6 +8,7 @@ Conf keys (all optional):
 ``checkpoint``    base weights, any layout :func:`lib.checkpoint.load_model` reads; default: ``sam-med2d_b.pth`` (or the
                   only weights file) in ``model_dir``, downloaded there when absent and ``download`` is true
 ``model_dir``     where the served and published weights live (default ``apps/sam_med2d/model``)
+``keep_versions`` published versions kept (default 5; the serving version and the base are never removed)
 ``adapters``      ``true`` (SAM-Med2D) or ``false`` (SAM-Med2D*, adapters switched off)
 ``device``        ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available
 ``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor);
@@ -67,7 +68,7 @@ from lib.decoding import ServedDecoding  # noqa: E402
 from lib.http_guard import GuardPolicy, HttpGuard, RequestRefusedError, wrap_running_app  # noqa: E402
 from lib.interactive import InteractiveSegmenter  # noqa: E402
 from lib.limits import Limits  # noqa: E402
-from lib.model_store import ModelStore  # noqa: E402
+from lib.model_store import ModelStore, TrainingInProgressError  # noqa: E402
 from lib.preprocessing import POLICIES  # noqa: E402
 from lib.prompt_inputs import InvalidRequestError  # noqa: E402
 from lib.published_weights import (  # noqa: E402
@@ -146,6 +147,7 @@ class SamMed2DApp(MONAILabelApp):
             base_checkpoint=self.checkpoint,
             adapters=adapters,
             seed=int(self.conf.get("seed", 0)),
+            keep_versions=int(self.conf.get("keep_versions", 5)),
         )
         device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.segmenter = InteractiveSegmenter(
@@ -251,12 +253,13 @@ class SamMed2DApp(MONAILabelApp):
         if mismatch:
             banner = "!" * 100
             logger.warning(
-                "\n%s\nNOT SERVING THE PUBLISHED MODEL in %s: %s. Serving the base weights instead; the next promoted "
-                "run publishes a version for this configuration (or start with the config and checkpoint it was "
+                "\n%s\nNOT SERVING THE PUBLISHED MODEL in %s: %s. Serving %s instead; the next promoted run "
+                "publishes a version for this configuration (or start with the config and checkpoint it was "
                 "trained from).\n%s",
                 banner,
                 store.model_dir,
                 mismatch,
+                store.active_version(),
                 banner,
             )
         self._start_retraining()
@@ -334,7 +337,7 @@ class SamMed2DApp(MONAILabelApp):
         }
         mismatch = store.published_mismatch()
         if mismatch:
-            info["published_not_served"] = f"{mismatch}; serving the base weights"
+            info["published_not_served"] = f"{mismatch}; serving {store.active_version()}"
         if serving is None and self.weights_warning:
             info["warning"] = self.weights_warning
         if self.segmenter.last_load_error:
@@ -349,6 +352,13 @@ class SamMed2DApp(MONAILabelApp):
         return meta
 
     # ---------------------------------------------------------------- errors
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAILabelApp.train, with a second concurrent run (``run_sync`` beside another run) answered 409."""
+        try:
+            return super().train(request)
+        except TrainingInProgressError as exc:
+            raise HTTPException(409, str(exc)) from exc
+
     def _inside_server_folders(self, path: str, store: Datastore) -> bool:
         """Whether ``path`` (symbolic links resolved) is in the datastore, a session or this server's uploads."""
         real = Path(os.path.realpath(path))
