@@ -163,8 +163,7 @@ def wrap_running_app(app: Any, wrap: Callable[[ASGIApp], ASGIApp]) -> None:
     """Put middleware (``wrap(stack)``) in front of a Starlette/FastAPI ``app``, running or not.
 
     An app that has served (its lifespan runs inside the built middleware stack, and MONAI Label creates the
-    MONAI Label app there) can no longer ``add_middleware``; wrapping the built stack is equivalent.
+    MONAI Label app there) can no longer ``add_middleware``; the stack is built again (so exception handlers added
+    since take effect) and wrapped, which is equivalent.
     """
-    if app.middleware_stack is None:
-        app.middleware_stack = app.build_middleware_stack()
-    app.middleware_stack = wrap(app.middleware_stack)
+    app.middleware_stack = wrap(app.build_middleware_stack())

@@ -73,3 +73,8 @@ class SafeLocalDatastore(LocalDatastore):
             if path.exists():
                 fsync_path(path)
         return label_id
+
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        if not self.datalist():  # MONAI Label asserts (a 500) on an empty datastore
+            raise HTTPException(404, "no labelled images: the dataset archive would be empty")
+        return super().get_dataset_archive(limit_cases)

@@ -37,11 +37,15 @@ Conf keys (all optional):
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +55,22 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from fastapi import HTTPException  # noqa: E402
+from fastapi import HTTPException, Request  # noqa: E402
+from fastapi.exception_handlers import http_exception_handler  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
+from monailabel.interfaces.exception import (  # noqa: E402
+    ImageNotFoundException,
+    LabelNotFoundException,
+    MONAILabelError,
+    MONAILabelException,
+)
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
@@ -104,6 +116,44 @@ def _resolve_path(value: str) -> Path:
         return path.resolve()
     beside_app = APP_DIR / value
     return beside_app.resolve() if beside_app.exists() else path.resolve()
+
+
+async def _client_errors(request: Request, exc: Exception) -> Response:
+    """Errors MONAI Label's endpoints let through as 500s although the request caused them: a form field that is not
+    JSON (``params``, ``info``), an id that is not in the datastore, MONAI Label's own ``INVALID_INPUT``. Anything
+    else stays a 500 with its traceback in the log."""
+    if isinstance(exc, json.JSONDecodeError):
+        return JSONResponse({"detail": f"a form field is not JSON: {exc}"}, status_code=400)
+    if isinstance(exc, ImageNotFoundException | LabelNotFoundException):
+        return JSONResponse({"detail": exc.msg}, status_code=404)
+    if isinstance(exc, MONAILabelException) and exc.error == MONAILabelError.INVALID_INPUT:
+        return JSONResponse({"detail": exc.msg}, status_code=400)
+    raise exc
+
+
+# What MONAI Label's endpoints answer with an explicit 500 for a request that lacks something (a client error).
+_INPUT_500S = (
+    "Neither Image nor File not Session ID input is provided",
+    "DICOM SEG format is not supported in a non-DICOM datastore",
+)
+
+
+async def _input_500s_as_400(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 500 and exc.detail in _INPUT_500S:
+        exc = StarletteHTTPException(400, exc.detail)
+    return await http_exception_handler(request, exc)
+
+
+def _sweep(folder: Path, max_age_s: float = 900.0, every_s: float = 60.0) -> None:
+    """Remove request files older than ``max_age_s``: MONAI Label removes an upload after a successful answer only,
+    so every refused upload would otherwise stay on disk for the server's lifetime."""
+    while True:
+        time.sleep(every_s)
+        cutoff = time.time() - max_age_s
+        for path in list(folder.iterdir()):
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime < cutoff:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _private_request_dir() -> Path:
@@ -290,10 +340,14 @@ class SamMed2DApp(MONAILabelApp):
             health={"name": self.name, "version": self.version, "status": "ok", "authentication": "bearer token"},
             body_checks={"/train": self._check_train_request},
         )
+        for error in (json.JSONDecodeError, MONAILabelException):
+            server.app.add_exception_handler(error, _client_errors)
+        server.app.add_exception_handler(StarletteHTTPException, _input_500s_as_400)
         threads = self.limits.request_threads
         wrap_running_app(server.app, lambda stack: HttpGuard(ThreadedPaths(stack, DIRECT_PATHS, threads), policy))
         self.upload_dir = _private_request_dir()
         tempfile.tempdir = str(self.upload_dir)  # MONAI Label's endpoints write uploads with tempfile's defaults
+        threading.Thread(target=_sweep, args=(self.upload_dir,), name="request-files", daemon=True).start()
         logger.info(
             "HTTP guard: token %s, cross-origin callers %s, bodies up to %g MB",
             "required" if token else "not required",
