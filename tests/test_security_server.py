@@ -24,6 +24,11 @@ import pytest
 import requests
 from PIL import Image
 
+from lib.image_source import read_image
+from lib.interactive import InteractiveSegmenter
+from lib.limits import Limits
+from lib.model_store import ModelStore
+from lib.prompt_inputs import parse_prompts
 from tests.server_utils import ROOT, server_log, server_pid, start_server, stop_server
 
 pytestmark = pytest.mark.server
@@ -303,3 +308,17 @@ def test_slow_request_does_not_stall_other_users(server: str) -> None:
     assert slow_times and min(slow_times) > 3 * idle, (slow_times, idle)  # the slow request is slow
     assert loaded < 3 * idle, (loaded, idle, slow_times)
     assert info_s < min(slow_times), (info_s, slow_times)
+
+
+def test_interaction_state_is_bounded_by_bytes(studies: Path, golden_dir: Path, tmp_path: Path) -> None:
+    """Previous masks of many clients stay within --conf max_state_mb (the newest ones are kept)."""
+    store = ModelStore(tmp_path, golden_dir / "meta.json", golden_dir / "weights.pth")
+    source = read_image(studies / "gradient.png")
+    prompts = parse_prompts({"foreground": [[5, 5]]}, source.view_hw, None)
+    one = InteractiveSegmenter(store).segment_view(source, prompts, client_id="probe").low_res.numel() * 4
+    segmenter = InteractiveSegmenter(store, limits=Limits(state_mb=3.5 * one / 2**20))
+    for n in range(12):
+        segmenter.segment_view(source, prompts, client_id=f"user-{n}")
+    assert segmenter.stats()["interaction_states"] == 3
+    assert segmenter.segment_view(source, prompts, client_id="user-11").used_previous_mask
+    assert not segmenter.segment_view(source, prompts, client_id="user-0").used_previous_mask
