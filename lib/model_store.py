@@ -317,12 +317,14 @@ class ModelStore:
             (self.model_dir / legacy).unlink(missing_ok=True)
 
     def _prune(self) -> None:
-        """Remove the oldest versions beyond ``keep_versions`` (never the current or the serving one)."""
-        names = self._version_names()
-        keep = set(names[-self.keep_versions :]) | {self.current_version(), self._serving_version()}
-        for name in names:
-            if name not in keep:
-                shutil.rmtree(self.versions_dir / name, ignore_errors=True)
+        """Remove the oldest versions beyond ``keep_versions`` (never the current or the serving one), and folders
+        of publishes cut short (by a crash) older than the newest kept version."""
+        complete = self._version_names()
+        keep = set(complete[-self.keep_versions :]) | {self.current_version(), self._serving_version()}
+        newest = max(name for name in keep if name)
+        for folder in self.versions_dir.iterdir():
+            if folder.name not in keep and folder.name < newest:
+                shutil.rmtree(folder, ignore_errors=True)
 
     @contextlib.contextmanager
     def _switch_lock(self) -> Iterator[None]:
