@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.decoding import ServedDecoding
-from lib.image_source import ImageReadError
+from lib.image_source import ImageReadError, picture_affine
 from lib.interactive import InteractiveSegmenter, Segmentation
 from lib.limits import Limits
 from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts
@@ -87,16 +87,22 @@ class ReadPromptsd:
                 )
         num_slices = source.num_slices if source.is_volume else None
         d["prompts"] = parse_prompts(
-            d, source.view_hw, num_slices, self.decoding().multimask_output, max_points=self.limits.points
+            d,
+            source.view_hw,
+            num_slices,
+            source.affine,
+            self.decoding().multimask_output,
+            max_points=self.limits.points,
         )
-        d["result_format"] = result_format(d, source.is_volume)
+        d["result_format"] = result_format(d, source.is_volume, source.affine is not None)
         return d
 
 
-def result_format(request: dict[str, Any], is_volume: bool) -> tuple[str, np.dtype, bool]:
+def result_format(request: dict[str, Any], is_volume: bool, has_geometry: bool = False) -> tuple[str, np.dtype, bool]:
     """``(extension, dtype, compress)`` of the label file from ``result_extension``, ``result_dtype`` and
-    ``result_compress`` (defaults: ``.nii.gz``/``.png``, uint8, gzip for volumes only)."""
-    ext = str(request.get("result_extension") or (".nii.gz" if is_volume else ".png")).lower()
+    ``result_compress`` (defaults: ``.nii.gz`` for volumes and for pictures with a geometry (single-frame DICOM, a
+    pixel size) because a PNG cannot carry it, else ``.png``; uint8; gzip for volumes only)."""
+    ext = str(request.get("result_extension") or (".nii.gz" if is_volume or has_geometry else ".png")).lower()
     ext = ext if ext.startswith(".") else "." + ext
     if ext not in PICTURE_RESULTS + VOLUME_RESULTS:
         raise InvalidRequestError(f"result_extension {ext!r} is not supported; use .png, .nrrd, .nii.gz or .nii")
@@ -203,7 +209,10 @@ class SamMed2DInfer(BasicInferTask):
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
         """Decode the prompts on the (cached) image embedding; ``data["pred"]`` is the ``(H, W)`` view mask."""
-        reset = parse_bool(data.get("reset"), "reset", default=False)
+        # Slicer's module says reset_state (when the annotator switches segments); REST clients say reset.
+        reset = parse_bool(data.get("reset"), "reset", default=False) or parse_bool(
+            data.get("reset_state"), "reset_state", default=False
+        )
         result: Segmentation = self.segmenter().segment_view(
             data["image_source"],
             data["prompts"],
@@ -246,6 +255,8 @@ class SamMed2DInfer(BasicInferTask):
             volume = np.zeros(source.pixels.shape[:3], dtype=label.dtype)
             volume[:, :, data["label_slice"]] = label.T
             write_label(volume, output, source.affine, compress)
-        else:
-            write_label(label.T, output, None, compress)  # label files hold ITK index order (x, y)
+        elif source.affine is not None:  # a picture with its geometry: one (x, y, 1) slice, as Slicer holds it
+            write_label(label.T[:, :, None], output, source.affine, compress)
+        else:  # label files hold ITK index order (x, y), in the geometry ITK gives a plain picture
+            write_label(label.T, output, picture_affine(), compress)
         return output, dict(data.get("result", {}))

@@ -13,7 +13,13 @@ the output folder. The trainer curates the datastore's final labels with the sam
 
     python -m lib.curation --images <dir> --labels <dir> --output <dir> [--axes 0,1,2] [--val-fraction 0.2]
 
-Images and labels are paired by file name (NIfTI ``.nii``/``.nii.gz``, NRRD, PNG, JPEG, TIFF, BMP, NumPy ``.npy``).
+Images and labels are paired by file name (NIfTI ``.nii``/``.nii.gz``, NRRD, PNG, JPEG, TIFF, BMP, NumPy ``.npy``,
+single-frame DICOM images).
+
+Orientation contract for 2D images: every 2D array is handled as (rows, columns), the picture's own order. NIfTI and
+NRRD files store ITK index order (i, j) = (column, row): a 2D label saved from Slicer on a PNG, JPEG or DICOM frame is
+an ``(I, J, 1)`` NIfTI/NRRD/``.seg.nrrd`` and is transposed on reading; PNG/TIFF/NumPy labels are taken as they are.
+A label whose grid then differs from its image's is refused (:func:`check_label`), never transposed by guessing.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .image_source import DICOM_SUFFIXES, read_image, suffix_of, vector_picture
 from .image_source import to_uint8 as map_to_uint8
 
 MIN_MASK_FRACTION = 100 / (256 * 256)
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".dcm")
+INDEX_ORDER_SUFFIXES = (".nii.gz", ".nii", ".nrrd")  # formats that store ITK index order (i, j[, k])
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -62,11 +70,15 @@ def stem(path: str | Path) -> str:
 
 
 def read_array(path: str | Path) -> np.ndarray:
-    """Read an image or label file into an array: 2D ``(H, W)`` / ``(H, W, 3)`` or 3D ``(X, Y, Z)``."""
+    """Read an image or label file into an array: 2D ``(H, W)`` / ``(H, W, 3)`` (rows, columns, whatever the format:
+    see the orientation contract above) or 3D ``(X, Y, Z)``."""
     path = Path(path)
     name = path.name.lower()
+    index_order = name.endswith(INDEX_ORDER_SUFFIXES)
     try:
-        if name.endswith((".nii", ".nii.gz")):
+        if suffix_of(path) in DICOM_SUFFIXES:
+            array = read_image(path).pixels  # modality values, (rows, columns), as the server segments them
+        elif name.endswith((".nii", ".nii.gz")):
             import nibabel
 
             array = np.asanyarray(nibabel.load(str(path)).dataobj)
@@ -82,14 +94,19 @@ def read_array(path: str | Path) -> np.ndarray:
                     img = img.convert("RGB") if img.mode != "P" else img
                 array = np.array(img)
     except (OSError, ValueError, EOFError) as err:
-        raise CurationError(f"cannot read {path}: {err}") from err
-    # NIfTI arrays come in Fortran order; slicing them along the last axis would copy with a large stride each time.
-    array = np.ascontiguousarray(np.squeeze(array))
+        raise CurationError(f"cannot read {path.name}: {err}") from err
+    picture = vector_picture(array) if index_order else None
+    if picture is not None:  # an RGB picture as Slicer writes it
+        return picture
+    array = np.squeeze(array)
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3):
-        raise CurationError(f"{path}: expected a 2D image or a 3D volume, got shape {array.shape}")
-    return array
+        raise CurationError(f"{path.name}: expected a 2D image or a 3D volume, got shape {array.shape}")
+    if index_order and array.ndim == 2:
+        array = array.T  # (i, j) -> (rows, columns)
+    # NIfTI arrays come in Fortran order; slicing them along the last axis would copy with a large stride each time.
+    return np.ascontiguousarray(array)
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
@@ -128,6 +145,30 @@ def _is_volume(image: np.ndarray, label: np.ndarray) -> bool:
     return not (image.ndim == 3 and image.shape[-1] in (3, 4) and label.ndim == 2)
 
 
+def _check_grids(image: np.ndarray, label: np.ndarray, case: str) -> None:
+    """Raise :class:`CurationError` naming the mismatch unless the label covers the image voxel for voxel."""
+    if _is_volume(image, label):
+        if label.shape != image.shape:
+            raise CurationError(f"{case}: label shape {label.shape} differs from image shape {image.shape}")
+        return
+    if image.shape[:2] != label.shape:
+        rows, columns = label.shape[:2]
+        raise CurationError(
+            f"{case}: the label is {rows} rows x {columns} columns but the image is {image.shape[0]} rows x "
+            f"{image.shape[1]} columns (NIfTI/NRRD labels are read in ITK (i, j) order, as Slicer writes them; "
+            "PNG/TIFF labels in rows and columns)"
+        )
+
+
+def check_label(image_path: str | Path, label_path: str | Path, case: str) -> None:
+    """Refuse, before it is stored, a label that training could not pair with its image pixel for pixel.
+
+    Raises:
+        CurationError: unreadable label or image, or a grid (after the orientation contract) other than the image's.
+    """
+    _check_grids(read_array(image_path), read_array(label_path), case)
+
+
 def curate_case(
     image: np.ndarray,
     label: np.ndarray,
@@ -136,13 +177,10 @@ def curate_case(
     min_fraction: float = MIN_MASK_FRACTION,
 ) -> list[CuratedSlice]:
     """Curate one image/label pair (2D, or a 3D volume cut into slices) into training slices."""
-    if label.ndim == 3 and image.ndim == 3 and label.shape != image.shape:
-        raise CurationError(f"{case}: label shape {label.shape} differs from image shape {image.shape}")
+    _check_grids(image, label, case)
     if not _is_volume(image, label):
         if image.ndim == 3 and image.shape[-1] == 4:
             image = image[..., :3]
-        if image.shape[:2] != label.shape:
-            raise CurationError(f"{case}: label shape {label.shape} differs from image shape {image.shape[:2]}")
         masks, classes = component_masks(label, min_fraction)
         return [CuratedSlice(case, case, to_uint8(image), masks, classes)] if masks else []
     volume = to_uint8(image)

@@ -72,7 +72,9 @@ class ImageSource:
         content: :func:`fingerprint` at load time.
         pixels: 2D ``(H, W)`` or ``(H, W, 3)``; volumes ``(I, J, K)`` (ITK index order).
         is_volume: a 3D volume (clicks carry a slice) rather than a 2D image.
-        affine: the volume's 4x4 RAS affine (MONAI convention), ``None`` for 2D images.
+        affine: the 4x4 RAS affine (MONAI convention) of a volume, or of a 2D image whose reader reports a geometry
+            (single-frame DICOM, a picture with a pixel size, a picture written by Slicer); ``None`` for a plain
+            picture (ITK and Slicer then use :func:`picture_affine`).
         value_range: ``(min, max)`` of the whole image, the default intensity window.
     """
 
@@ -123,6 +125,13 @@ class ImageSource:
         if plane.ndim == 2:
             plane = np.repeat(plane[:, :, None], 3, axis=2)
         return np.ascontiguousarray(plane)
+
+
+def picture_affine(spacing_xy: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """The RAS affine ITK (and so Slicer) gives a 2D picture: identity LPS directions at the origin, its pixel size."""
+    from .volume_io import LPS_TO_RAS
+
+    return LPS_TO_RAS @ np.diag([spacing_xy[0], spacing_xy[1], 1.0, 1.0])
 
 
 def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -293,9 +302,25 @@ def _read_picture(path: Path, content: str) -> ImageSource:
                 pixels = np.array(img.convert("L"))
             else:
                 pixels = np.array(img.convert("RGB"))
+            spacing = _pixel_size_mm(img.info.get("dpi"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageReadError(f"image {path.name} is not a readable picture: {exc}") from exc
-    return ImageSource(str(path), content, pixels, is_volume=False, value_range=_with_range(pixels))
+    affine = picture_affine(spacing) if spacing is not None else None
+    return ImageSource(str(path), content, pixels, is_volume=False, affine=affine, value_range=_with_range(pixels))
+
+
+def _pixel_size_mm(dpi: object) -> tuple[float, float] | None:
+    """Pixel size (x, y) in mm from a picture's resolution (JPEG density, PNG pHYs, TIFF resolution), as ITK reads it;
+    ``None`` when the picture states no physical unit (PIL then reports no ``dpi``; ITK reads 1 mm)."""
+    if not isinstance(dpi, tuple) or len(dpi) != 2:
+        return None
+    try:
+        x_dpi, y_dpi = float(dpi[0]), float(dpi[1])
+    except (TypeError, ValueError):
+        return None
+    if not (x_dpi > 0 and y_dpi > 0):
+        return None
+    return 25.4 / x_dpi, 25.4 / y_dpi
 
 
 def _read_dicom_frame(path: Path, content: str) -> ImageSource:
@@ -315,16 +340,39 @@ def _read_dicom_frame(path: Path, content: str) -> ImageSource:
         raise
     except (InvalidDicomError, AttributeError, KeyError, ValueError, OSError, NotImplementedError) as exc:
         raise ImageReadError(f"image {path.name} is not a readable DICOM image: {exc}") from exc
+    affine = _dicom_frame_affine(ds)
     if pixels.ndim == 3 and pixels.shape[2] == 3:
         if pixels.dtype != np.uint8:
             pixels = to_uint8(pixels, float(pixels.min()), float(pixels.max()))
-        return ImageSource(str(path), content, np.ascontiguousarray(pixels), is_volume=False)
+        return ImageSource(str(path), content, np.ascontiguousarray(pixels), is_volume=False, affine=affine)
     if pixels.ndim != 2:
         raise ImageReadError(f"image {path.name}: unsupported DICOM pixel layout {pixels.shape}")
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)  # stored values -> HU etc.
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         values = values.max() + values.min() - values
-    return ImageSource(str(path), content, values, is_volume=False, value_range=_with_range(values))
+    return ImageSource(str(path), content, values, is_volume=False, affine=affine, value_range=_with_range(values))
+
+
+def _dicom_frame_affine(ds: object) -> np.ndarray | None:
+    """RAS affine of one DICOM frame as ITK (GDCM) reads it: columns advance along the row cosines by the column
+    spacing, rows along the column cosines by the row spacing, from the image position; ``None`` if absent."""
+    from .volume_io import LPS_TO_RAS
+
+    try:
+        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+        orientation = np.asarray([float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])])
+        origin = np.asarray([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if orientation.shape != (6,) or origin.shape != (3,) or not row_spacing > 0 or not column_spacing > 0:
+        return None
+    along_row, along_column = orientation[:3], orientation[3:]
+    lps = np.eye(4)
+    lps[:3, 0] = along_row * column_spacing
+    lps[:3, 1] = along_column * row_spacing
+    lps[:3, 2] = np.cross(along_row, along_column)  # one frame: ITK gives the normal unit spacing
+    lps[:3, 3] = origin
+    return LPS_TO_RAS @ lps
 
 
 def _read_volume(path: Path, content: str) -> ImageSource:
@@ -338,6 +386,9 @@ def _read_volume(path: Path, content: str) -> ImageSource:
         what = "DICOM series" if path.is_dir() else "volume"
         raise ImageReadError(f"image {path.name} is not a readable {what}: {exc}") from exc
     pixels = np.asarray(pixels)
+    picture = vector_picture(pixels)
+    if picture is not None:  # Slicer's writer output for an RGB picture opened locally
+        return ImageSource(str(path), content, picture, False, affine=affine, value_range=_with_range(picture))
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if pixels.ndim == 4 and pixels.shape[3] == 1:
@@ -345,3 +396,17 @@ def _read_volume(path: Path, content: str) -> ImageSource:
     if pixels.ndim != 3:
         raise ImageReadError(f"image {path.name}: expected a 3D volume, got shape {tuple(pixels.shape)}")
     return ImageSource(str(path), content, pixels, is_volume=True, affine=affine, value_range=_with_range(pixels))
+
+
+def vector_picture(array: np.ndarray) -> np.ndarray | None:
+    """An RGB(A) picture ``(H, W, 3)`` from a one-slice vector volume in ITK index order, ``None`` for anything else.
+
+    Slicer holds an RGB picture as a one-slice vector volume and its NIfTI writer stores it as ``(I, J, 1, 1, C)``
+    (5D, intent "vector").
+    """
+    if array.ndim not in (4, 5) or array.shape[-1] not in (3, 4) or any(n != 1 for n in array.shape[2:-1]):
+        return None
+    rgb = array.reshape(array.shape[0], array.shape[1], array.shape[-1])[:, :, :3].transpose(1, 0, 2)
+    if rgb.dtype != np.uint8:
+        rgb = to_uint8(rgb, float(rgb.min()), float(rgb.max()))
+    return np.ascontiguousarray(rgb)

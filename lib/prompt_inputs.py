@@ -10,14 +10,17 @@ The request schema is described for users in ``docs/prompts.md``. In short:
     ``roi`` is accepted as a synonym, and so is Slicer's 6-value IJK ``roi``
     ``[i_a, i_b, j_a, j_b, k_a, k_b]`` (each pair in either order, as Slicer's RAS->IJK rounding gives them).
 ``slice``
-    the slice ``k`` of a volume; optional when the clicks (or the ROI's k range) say it.
+    the slice ``k`` of a volume; optional when the clicks (or the ROI's k range) say it. A one-slice 6-value ROI
+    decides the slice by itself; next to a multi-slice ROI and no click, ``slice`` is read as what Slicer sends there
+    (the red view's offset in mm, without its sign) through the volume's geometry, else as an index. Clicks on other
+    slices than the one segmented are ignored.
 ``multimask_output``
     ``true`` (default; ``"auto"`` is the same) decodes SAM's three candidate masks and keeps the best predicted IoU,
     for every prompt, as the published SAM-Med2D train and test scripts do (see :mod:`lib.decoding`); ``false``
     decodes output 0, which the published recipe never trains.
 ``window``
     ``[low, high]`` or ``{"level": L, "width": W}``: intensities mapped to 0..255 (volumes, DICOM, 16-bit pictures).
-``reset``, ``client_id``, ``label``
+``reset`` (or Slicer's ``reset_state``), ``client_id``, ``label``
     interaction state: the previous mask of the same client, image, slice and label is the next mask prompt unless
     ``reset`` is true.
 
@@ -123,25 +126,29 @@ def parse_window(value: Any) -> tuple[float, float] | None:
 
 
 def parse_slice(value: Any, num_slices: int) -> int | None:
-    if value is None or value == "":
-        return None
-    k = _number(value, "slice")
-    if k != int(k):
-        raise InvalidRequestError(f"slice must be an integer, got {value!r}")
-    k = int(k)
-    if k < 0:  # Slicer and the SAM2 app send -1 for "no slice"
-        return None
-    if k >= num_slices:
+    """``slice`` as an index ``k`` of a volume with ``num_slices`` slices; ``None`` when absent or negative."""
+    k = _slice_number(value)
+    if k is not None and k >= num_slices:
         raise InvalidRequestError(
             f"slice {k} is out of range: the volume has {num_slices} slices (0..{num_slices - 1})"
         )
     return k
 
 
+def _slice_number(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    k = _number(value, "slice")
+    if k != int(k):
+        raise InvalidRequestError(f"slice must be an integer, got {value!r}")
+    return int(k) if k >= 0 else None  # Slicer and the SAM2 app send -1 for "no slice"
+
+
 def parse_prompts(
     request: Mapping[str, Any],
     view_hw: tuple[int, int],
     num_slices: int | None,
+    affine: np.ndarray | None = None,
     default_multimask: bool = True,
     max_points: int = Limits.points,
 ) -> ViewPrompts:
@@ -152,6 +159,7 @@ def parse_prompts(
             ``window``).
         view_hw: ``(H, W)`` of the 2D view (for a volume ``(J, I)``).
         num_slices: ``K`` for a volume, ``None`` for a 2D image.
+        affine: the volume's RAS affine: reads Slicer's ``slice`` (a view offset in mm) next to a 6-value roi.
         default_multimask: ``multimask_output`` when the request does not say (or says ``"auto"``): the server's
             :attr:`lib.decoding.ServedDecoding.multimask_output`.
         max_points: most foreground plus background points (``--conf max_points``).
@@ -167,10 +175,8 @@ def parse_prompts(
         )
     h, w = view_hw
     is_volume = num_slices is not None
-    slice_index = parse_slice(request.get("slice"), num_slices) if is_volume else None
 
-    clicks: list[tuple[float, float, int]] = []
-    click_slices: set[int] = set()
+    clicks: list[tuple[float, float, int, int | None]] = []
     for name, label in (("foreground", 1), ("background", 0)):
         for n, point in enumerate(_as_list(request.get(name), name)):
             where = f"{name} point {n} {point!r}"
@@ -178,47 +184,32 @@ def parse_prompts(
             if len(coords) not in (2, 3):
                 raise InvalidRequestError(f"{where} must be [x, y] or [i, j, k]")
             x, y = _number(coords[0], where), _number(coords[1], where)
+            k = None
             if len(coords) == 3:
                 k = round(_number(coords[2], where))  # the nearest slice (RAS->IJK can give 11.9999)
                 if not is_volume and k != 0:
                     raise InvalidRequestError(f"{where} is outside the image: a 2D image has only slice 0")
-                if is_volume:
-                    if not 0 <= k < num_slices:
-                        raise InvalidRequestError(
-                            f"{where} is outside the image: slice {k} of a volume with {num_slices} slices"
-                        )
-                    click_slices.add(k)
+                if is_volume and not 0 <= k < num_slices:
+                    raise InvalidRequestError(
+                        f"{where} is outside the image: slice {k} of a volume with {num_slices} slices"
+                    )
             if not (0 <= x < w and 0 <= y < h):
                 size = f"{w}x{h} (x in 0..{w - 1}, y in 0..{h - 1})"
                 raise InvalidRequestError(f"{where} is outside the image of size {size}")
-            clicks.append((x, y, label))
+            clicks.append((x, y, label, k if is_volume else None))
 
     box, box_slices = _parse_box(request, (h, w), is_volume)
 
+    slice_index = None
     if is_volume:
-        if slice_index is None and len(click_slices) > 1:
-            raise InvalidRequestError(
-                f"clicks are on several slices {sorted(click_slices)}; send the clicks of one slice (or 'slice')"
-            )
-        if slice_index is None and click_slices:
-            slice_index = next(iter(click_slices))
-        if slice_index is not None and click_slices - {slice_index}:
-            raise InvalidRequestError(f"clicks on slices {sorted(click_slices)} do not match slice {slice_index}")
-        if box_slices is not None:
-            k_low, k_high = box_slices
-            if slice_index is None:
-                slice_index = (k_low + k_high) // 2
-            elif not k_low <= slice_index <= k_high:
-                raise InvalidRequestError(f"the roi's slices {k_low}..{k_high} do not include slice {slice_index}")
-            if not 0 <= slice_index < num_slices:
-                raise InvalidRequestError(
-                    f"roi slice {slice_index} is out of range: the volume has {num_slices} slices"
-                )
-        if slice_index is None:
-            if num_slices == 1:
-                slice_index = 0
-            else:
-                raise InvalidRequestError("which slice? send voxel clicks [i, j, k], 'slice', or a 6-value roi")
+        click_slices = {c[3] for c in clicks if c[3] is not None}
+        slice_index = _volume_slice(request.get("slice"), click_slices, box, box_slices, num_slices, affine)
+        # Clicks on other slices are ignored, not refused: Slicer sends every click of the segment when the clicked
+        # slice is 0 (its module tests the slice index for truth), and they say nothing about this slice.
+        ignored = sorted({c[3] for c in clicks if c[3] not in (None, slice_index)})
+        clicks = [c for c in clicks if c[3] in (None, slice_index)]
+        if not clicks and box is None and ignored:
+            raise InvalidRequestError(f"no prompt on slice {slice_index}: the clicks are on slices {ignored}")
 
     if not clicks and box is None:
         raise InvalidRequestError("no prompt: send foreground/background points or a box")
@@ -234,6 +225,74 @@ def parse_prompts(
         multimask_output=bool(multimask),
         window=parse_window(request.get("window")),
     )
+
+
+def _volume_slice(
+    requested: Any,
+    click_slices: set[int],
+    box: np.ndarray | None,
+    box_slices: tuple[int, int] | None,
+    num_slices: int,
+    affine: np.ndarray | None,
+) -> int:
+    """The slice ``k`` a volume request segments, from its roi, ``slice`` and clicks (see ``docs/prompts.md``)."""
+    if box_slices is not None:
+        k_low, k_high = box_slices
+        if k_low < 0 or k_high >= num_slices:
+            raise InvalidRequestError(f"roi slices {k_low}..{k_high} are out of range: the volume has {num_slices}")
+        if k_low == k_high:  # the box is drawn on one slice: nothing else can say otherwise
+            return k_low
+        if click_slices or requested in (None, ""):
+            index = parse_slice(requested, num_slices)
+            chosen = index if index is not None else _clicks_slice(click_slices)
+            if chosen is None:
+                return (k_low + k_high) // 2
+        else:
+            # No click: Slicer's `slice` is then round(abs(offset of the red view in mm)); read it through the
+            # geometry first, as an index second.
+            number = _slice_number(requested)
+            chosen = _slice_at_offset(number, box, box_slices, affine) if number is not None else None
+            chosen = number if chosen is None else chosen
+            if chosen is None:
+                return (k_low + k_high) // 2
+        if not k_low <= chosen <= k_high:
+            raise InvalidRequestError(
+                f"the roi's slices {k_low}..{k_high} do not include slice {chosen} (neither as an index nor as the "
+                "view offset in mm)"
+            )
+        return chosen
+    index = parse_slice(requested, num_slices)
+    chosen = index if index is not None else _clicks_slice(click_slices)
+    if chosen is not None:
+        return chosen
+    if num_slices == 1:
+        return 0
+    raise InvalidRequestError("which slice? send voxel clicks [i, j, k], 'slice', or a 6-value roi")
+
+
+def _clicks_slice(click_slices: set[int]) -> int | None:
+    if len(click_slices) > 1:
+        raise InvalidRequestError(
+            f"clicks are on several slices {sorted(click_slices)}; send the clicks of one slice (or 'slice')"
+        )
+    return next(iter(click_slices), None)
+
+
+def _slice_at_offset(
+    offset_mm: int, box: np.ndarray, box_slices: tuple[int, int], affine: np.ndarray | None
+) -> int | None:
+    """The roi's slice whose plane is at ``+-offset_mm`` along S (RAS) at the box centre, ``None`` if none is.
+
+    Slicer sends ``round(abs(red view offset))``: the sign is lost, so both signs are tried.
+    """
+    if affine is None or abs(float(affine[2, 2])) < 1e-6:  # no geometry, or k does not run along S
+        return None
+    i_centre, j_centre = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    s_at_k0 = affine[2, 0] * i_centre + affine[2, 1] * j_centre + affine[2, 3]
+    k_low, k_high = box_slices
+    found = [round((sign * offset_mm - s_at_k0) / affine[2, 2]) for sign in (1, -1)]
+    inside = [k for k in found if k_low <= k <= k_high]
+    return min(inside, key=lambda k: abs(k - (k_low + k_high) / 2)) if inside else None
 
 
 def _parse_box(

@@ -65,17 +65,17 @@ def read_with_itk(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(image.array), np.asarray(image.affine, dtype=np.float64)
 
 
-def write_label(label: np.ndarray, path: str | Path, affine: np.ndarray | None, compress: bool = False) -> None:
+def write_label(label: np.ndarray, path: str | Path, affine: np.ndarray, compress: bool = False) -> None:
     """Write a label array in ITK index order (``(i, j, k)`` or ``(x, y)``) as NRRD or NIfTI with its geometry.
 
     Args:
         label: the array (its dtype is kept).
         path: ``.nrrd``, ``.seg.nrrd``, ``.nii`` or ``.nii.gz``.
-        affine: RAS affine, ``None`` for a 2D picture's label (unit spacing at the origin).
+        affine: RAS affine (a 2D label's geometry is that of its picture, see ``lib.image_source.picture_affine``).
         compress: gzip NRRD data (NIfTI compresses by its ``.gz`` extension).
     """
     name = str(path).lower()
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    affine = np.asarray(affine, dtype=np.float64)
     if name.endswith(".nrrd"):
         import nrrd
 

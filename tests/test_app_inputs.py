@@ -49,7 +49,7 @@ def test_clicks_give_the_slice_and_multimask_is_the_default_for_every_prompt() -
     ("request_", "message"),
     [
         ({"foreground": [[3, 4, 1]], "background": [[3, 4, 2]]}, "several slices"),
-        ({"foreground": [[3, 4, 1]], "slice": 2}, "do not match"),
+        ({"foreground": [[3, 4, 1]], "slice": 2}, "no prompt on slice 2: the clicks are on slices [1]"),
         ({"roi": [1, 5, 1, 5, 0, 2], "slice": 4}, "do not include"),
         ({"foreground": [[10, 4, 1]]}, "outside the image"),
         ({"foreground": [[3, 4, 1]], "slice": 1.5}, "integer"),

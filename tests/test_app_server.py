@@ -348,10 +348,10 @@ def test_single_frame_dicom(server: str, tmp_path: Path) -> None:
         server, "sam_med2d_points", "ct_small", {"foreground": [[64, 64]], "window": [-160, 240]}
     )
     assert status == 200, result
-    assert read_png(data).shape == (128, 128)
+    assert read_label_file(data, ".nii.gz", tmp_path).GetSize() == (128, 128, 1)  # a PNG cannot carry the geometry
     status, result, data, _ = infer(server, "sam_med2d_box", "ct_small", {"box": [30, 30, 90, 100]} | SLICER)
     assert status == 200, result
-    assert read_label_file(data, ".nrrd", tmp_path).GetSize() == (128, 128)
+    assert read_label_file(data, ".nrrd", tmp_path).GetSize() == (128, 128, 1)
 
 
 def test_dicom_series_folder(server: str, studies: Path, tmp_path: Path) -> None:
@@ -425,12 +425,16 @@ def test_bad_requests_get_4xx(server: str, model: str, image: str, params: dict,
     assert ok == 200, result
 
 
-def test_demo_datastore_images_all_answer(server: str, studies: Path) -> None:
+def test_demo_datastore_images_all_answer(server: str, studies: Path, tmp_path: Path) -> None:
     for image, click in (
         ("retina_fundus", [300, 300]),
         ("retina_microaneurysms", [50, 50]),
         ("cells_fluorescence", [100, 100]),
     ):
-        status, result, data, _ = infer(server, "sam_med2d_points", image, {"foreground": [click]})
+        status, result, data, name = infer(server, "sam_med2d_points", image, {"foreground": [click]})
         assert status == 200, result
-        assert read_png(data).shape == read_image(next(studies.glob(f"{image}.*"))).view_hw
+        source = read_image(next(studies.glob(f"{image}.*")))
+        # Pictures stating a pixel size answer .nii.gz (their geometry), others PNG.
+        label = read_label_file(data, ".nii.gz" if name.endswith(".nii.gz") else ".png", tmp_path)
+        assert name.endswith(".nii.gz" if source.affine is not None else ".png")
+        assert label.GetSize()[:2] == source.view_hw[::-1]

@@ -202,7 +202,7 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
     info = _info(url)
     worse = info["retraining"]["history"][-1]
     assert worse["trigger"] == "manual" and worse["status"] == "not_promoted", worse
-    assert "Dice dropped" in worse["message"]
+    assert "Dice would drop" in worse["message"]
     assert info["retraining"]["active_version"] == version
     assert _click(url, probe, (400, 270))["model_version"] == version
 

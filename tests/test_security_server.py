@@ -11,6 +11,8 @@ import http.client
 import io
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -280,12 +282,25 @@ def _clicks_p95(url: str, clients: int = 8, clicks: int = 12) -> float:
     return float(np.percentile(np.concatenate(times), 95))
 
 
-def test_slow_request_does_not_stall_other_users(server: str) -> None:
+def test_slow_request_does_not_stall_other_users(server: str, tmp_path: Path) -> None:
     """8 users click while another uploads a large picture to segment (decoded and encoded anew each time): their
-    p95 stays under 3x the p95 of the same clicks on an idle server, and /info answers meanwhile."""
-    _click(server, "warm-up")
-    idle = _clicks_p95(server)
+    p95 stays under 3x their p95 on an idle server, and /info answers meanwhile.
+
+    "Idle" means no other request in the server, with the same work (decoding that picture) running in another
+    process: on a small shared machine the slow request also takes CPU from the clicks, and what is measured here is
+    whether the server makes them wait for it.
+    """
     big = _png(np.tile(np.arange(6000, dtype=np.uint16).astype(np.uint8), (6000, 1)))  # 36 Mpixel, small file
+    picture = tmp_path / "big.png"
+    picture.write_bytes(big)
+    _click(server, "warm-up")
+    burner = subprocess.Popen([sys.executable, "-c", _DECODE_LOOP, str(picture)])
+    try:
+        time.sleep(1.0)
+        idle = _clicks_p95(server)
+    finally:
+        burner.kill()
+        burner.wait()
     stop = threading.Event()
     slow_times: list[float] = []
 
@@ -308,6 +323,17 @@ def test_slow_request_does_not_stall_other_users(server: str) -> None:
     assert slow_times and min(slow_times) > 3 * idle, (slow_times, idle)  # the slow request is slow
     assert loaded < 3 * idle, (loaded, idle, slow_times)
     assert info_s < min(slow_times), (info_s, slow_times)
+
+
+# What the slow request costs in CPU (decoding the picture to an RGB view), looped in a process of its own.
+_DECODE_LOOP = """
+import sys
+import numpy as np
+from PIL import Image
+while True:
+    pixels = np.array(Image.open(sys.argv[1]).convert("L"))
+    np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))
+"""
 
 
 def test_interaction_state_is_bounded_by_bytes(studies: Path, golden_dir: Path, tmp_path: Path) -> None:

@@ -6,11 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import torch
 
+from lib.curation import iter_curated
+from lib.image_source import read_image
 from lib.model_store import ModelStore
+from tests.client_files import dcmqi_liver_mask, hc18_mask, write_slicer_label
 from tests.server_utils import free_port, running_server, server_log
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -51,3 +55,49 @@ def test_train_on_saved_hc18_labels_raises_validation_dice(tmp_path: Path, data_
         best_run = torch.load(model_dir / "train" / "train_01" / "best.pt", weights_only=True)
         assert all(torch.equal(published[k], best_run[k]) for k in published)
         assert not (model_dir / "train" / "model.pt").exists()  # MONAI Label's own checkpoints never land here
+
+
+def test_train_on_labels_saved_from_slicer_on_a_picture_and_a_dicom_frame(
+    tmp_path: Path, data_dir: Path, golden_dir: Path
+) -> None:
+    """Labels Slicer saves on 2D images ((I, J, 1) NIfTI in the image's geometry) train, aligned, none skipped."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(data_dir / "hc18" / "images" / "002_HC.png", studies / "hc_002.png")  # 800 x 540: not square
+    shutil.copy(data_dir / "dicom_ct_seg" / "01.dcm", studies / "ct_frame.dcm")
+    drawn = {"hc_002": hc18_mask(data_dir, "002_HC.png"), "ct_frame": dcmqi_liver_mask(data_dir)}
+    model_dir = tmp_path / "model"
+    conf = {"model": golden_dir / "meta.json", "model_dir": model_dir, "download": "false"}
+    params = {"max_epochs": 1, "val_split": 0.5, "train_batch_size": 1, "val_points": "1"}
+    with running_server("apps/sam_med2d", studies, conf) as url:
+        for image_id, mask in drawn.items():
+            image = next(studies.glob(f"{image_id}.*"))
+            label = write_slicer_label(mask, image, tmp_path / f"{image_id}.nii.gz")  # as Slicer's saveNode writes
+            response = requests.put(
+                f"{url}/datastore/label",
+                params={"image": image_id},
+                files={
+                    "params": (None, json.dumps({"label_info": [{"name": "x", "idx": 1}]})),
+                    "label": (label.name, label.read_bytes()),
+                },
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+        response = requests.post(f"{url}/train/sam_med2d?run_sync=true", json=params, timeout=900)
+        assert response.status_code == 200, response.text + server_log(url)[-4000:]
+        stats = json.loads((model_dir / "train" / "train_stats.json").read_text())
+        assert stats["status"] == "completed", server_log(url)[-4000:]
+        assert stats["labels_skipped"] == 0 and stats["skipped_labels"] == []
+        assert stats["train_images"] + stats["val_images"] == 2  # both labels became training data
+        info = requests.get(f"{url}/info/", timeout=60).json()
+        assert info["train_stats"]["sam_med2d"]["labels_skipped"] == 0
+    # What the run curated, from the same files with the trainer's functions: the mask lies where it was drawn.
+    for image_id, mask in drawn.items():
+        image = next(studies.glob(f"{image_id}.*"))
+        label = next((studies / "labels" / "final").glob(f"{image_id}.*"))
+        (curated,) = iter_curated([(image_id, image, label)])
+        union = np.any(curated.masks, axis=0)
+        assert 2 * np.logical_and(union, mask).sum() / (union.sum() + mask.sum()) > 0.99
+    hounsfield = read_image(studies / "ct_frame.dcm").pixels
+    liver = np.any(next(iter_curated([("ct_frame", studies / "ct_frame.dcm", label)])).masks, axis=0)
+    assert 20 < hounsfield[liver].mean() < 200  # soft tissue: the liver, not air or bone

@@ -99,6 +99,7 @@ class SamMed2DTrain(BasicTrainTask):
     ) -> None:
         self.model_store = model_store
         self.decoding = decoding or ServedDecoding()
+        self.skipped_labels: list[dict[str, str]] = []  # {"image", "label", "reason"} of the run being prepared
         self.recipe_name = recipe_name
         self.default_recipe = recipe(recipe_name, overrides)
         runs_dir = Path(model_store.model_dir) / "train"
@@ -168,7 +169,7 @@ class SamMed2DTrain(BasicTrainTask):
         cache = Path(self.get_cache_dir(request)) / "curated"
         config = self.recipe_for(request)
         records: list[dict[str, Any]] = []
-        skipped = []
+        skipped: list[dict[str, str]] = []
         items = datastore.datalist()
         for item in items:
             case = stem(item["image"])
@@ -176,8 +177,11 @@ class SamMed2DTrain(BasicTrainTask):
                 slices = iter_curated([(case, item["image"], item["label"])], min_fraction=config.min_mask_fraction)
                 written = write_slices(slices, cache)
             except (CurationError, OSError, ValueError) as err:
-                skipped.append(f"{case}: {err}")
+                skipped.append({"image": case, "label": Path(item["label"]).name, "reason": str(err)})
                 continue
+            if not written:
+                reason = f"no labelled region of at least {config.min_mask_fraction:.4%} of the image"
+                skipped.append({"image": case, "label": Path(item["label"]).name, "reason": reason})
             for record in written:
                 records.append(
                     {
@@ -186,12 +190,15 @@ class SamMed2DTrain(BasicTrainTask):
                         "masks": [str(cache / m) for m in record["masks"]],
                     }
                 )
-        for message in skipped:
+        # Named in the run's train_stats.json (and so in /info) as well as in the log: never dropped silently.
+        self.skipped_labels = skipped
+        reasons = [f"{s['image']}: {s['reason']}" for s in skipped]
+        for message in reasons:
             logger.warning(f"Training skips a label it cannot use: {message}")
         if not records:
             raise ValueError(
                 f"nothing to train on: {len(items)} final labels in the datastore, none with a usable mask"
-                + (f" ({'; '.join(skipped)})" if skipped else "")
+                + (f" ({'; '.join(reasons)})" if reasons else "")
             )
         logger.info(f"Curated {len(items)} final labels into {len(records)} training images ({cache})")
         return records
@@ -383,6 +390,8 @@ class ValidateAndPublish:
             "val_images": len(ctx.val_datalist),
             "served_before": store.active_version(),
             "served": {"version": store.active_version(), "key": store.version_key()},
+            "labels_skipped": len(self.task.skipped_labels),
+            "skipped_labels": self.task.skipped_labels,
             "epochs": [],
         }
         if self.rank != 0:

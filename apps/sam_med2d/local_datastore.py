@@ -4,8 +4,9 @@
 ``PUT /datastore/image?image=../../../../tmp/x`` writes ``/tmp/x`` and a label ``tag`` of ``../..`` does the same
 for labels. Here an uploaded image's id and a label's tag must be plain names (:func:`lib.limits.is_plain_name`),
 the file's extension one the datastore lists (``x.json`` would overwrite ``datastore_v2.json``), and the file an
-image within the server's bounds, checked from its header. A refusal is an HTTP 4xx naming the problem, raised
-before anything is written. A saved label is fsynced (file, folder, datastore index) before the save is answered.
+image within the server's bounds, checked from its header; a label must also pair with its image pixel for pixel
+(:func:`lib.curation.check_label`, 422). A refusal is an HTTP 4xx naming the problem, raised before anything is
+written. A saved label is fsynced (file, folder, datastore index) before the save is answered.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
+from lib.curation import CurationError, check_label
 from lib.image_source import ImageReadError, check_header
 from lib.json_files import fsync_path
 from lib.limits import Limits, is_plain_name
@@ -46,7 +48,8 @@ class SafeLocalDatastore(LocalDatastore):
 
     def _check_file(self, filename: str, what: str) -> None:
         if not filename.lower().endswith(tuple(self.suffixes)):
-            raise HTTPException(400, f"{what} must be one of {', '.join(self.suffixes)}: got {Path(filename).name!r}")
+            kind = "".join(Path(filename).suffixes) or "(no extension)"
+            raise HTTPException(422, f"cannot read {what} of type {kind}: use one of {', '.join(self.suffixes)}")
         try:
             check_header(filename, self.limits)
         except ImageReadError as exc:
@@ -66,6 +69,10 @@ class SafeLocalDatastore(LocalDatastore):
         if image_id not in self.list_images():  # its id then names the label file: only known ids do
             raise HTTPException(404, f"image {str(image_id)[:80]!r} is not in the datastore")
         self._check_file(label_filename, "a label")
+        try:  # a label training could not pair with its image pixel for pixel: the annotator learns it now
+            check_label(self.get_image_uri(image_id), label_filename, image_id)
+        except CurationError as exc:
+            raise HTTPException(422, f"label not saved: {exc}") from exc
         label_id = super().save_label(image_id, label_filename, label_tag, label_info)
         # An annotator's saved work is on disk before the save is acknowledged (training reads it later).
         label_path = Path(self.get_label_uri(label_id, label_tag))
