@@ -19,7 +19,7 @@ demo-datastore: $(STAMP)
 	$(PY) -m apps.sam_med2d.demo --output $(DEMO)
 
 serve: demo-datastore
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/monailabel start_server --app apps/sam_med2d --studies $(DEMO) --port $(PORT)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/monailabel start_server --app apps/sam_med2d --studies $(DEMO) --host 127.0.0.1 --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest

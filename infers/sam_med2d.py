@@ -31,6 +31,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from lib.decoding import ServedDecoding
 from lib.image_source import ImageReadError, picture_affine
 from lib.interactive import InteractiveSegmenter, Segmentation
+from lib.limits import Limits
 from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts, parse_propagation
 from lib.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
 from lib.volume_io import write_label, write_slice_label_nrrd
@@ -61,23 +62,40 @@ class LoadImageSourced:
         try:
             d["image_source"], d["image_in_memory"] = self.segmenter().source(path)
         except ImageReadError as exc:
-            raise InvalidRequestError(f"unreadable image: {exc}", 422) from exc
+            raise InvalidRequestError(
+                f"unreadable image: {exc}" if exc.status == 422 else str(exc), exc.status
+            ) from exc
         return d
 
 
 class ReadPromptsd:
     """The request's prompts -> ``data["prompts"]`` (:class:`lib.prompt_inputs.ViewPrompts`) in view pixels, and its
-    result options -> ``data["result_format"]``: both checked before any model work. ``multimask_output`` defaults to
-    the server's decoding rule (:class:`lib.decoding.ServedDecoding`)."""
+    result options -> ``data["result_format"]``: both checked, with the request's bounds, before any model work.
+    ``multimask_output`` defaults to the server's decoding rule (:class:`lib.decoding.ServedDecoding`)."""
 
-    def __init__(self, decoding: Callable[[], ServedDecoding]) -> None:
+    def __init__(self, decoding: Callable[[], ServedDecoding], limits: Limits) -> None:
         self.decoding = decoding
+        self.limits = limits
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         source = d["image_source"]
+        for key in ("client_id", "label"):  # kept as keys of the interaction state, so bounded like it
+            value = d.get(key)
+            if value is not None and len(str(value)) > self.limits.id_chars:
+                raise InvalidRequestError(
+                    f"{key} has {len(str(value))} characters; the server accepts {self.limits.id_chars} "
+                    "(--conf max_id_chars)"
+                )
         num_slices = source.num_slices if source.is_volume else None
-        d["prompts"] = parse_prompts(d, source.view_hw, num_slices, source.affine, self.decoding().multimask_output)
+        d["prompts"] = parse_prompts(
+            d,
+            source.view_hw,
+            num_slices,
+            source.affine,
+            self.decoding().multimask_output,
+            max_points=self.limits.points,
+        )
         d["propagation"] = parse_propagation(d, num_slices, DEFAULT_MIN_IOU, AREA_JUMP_RATIO)
         d["result_format"] = result_format(d, source.is_volume, source.affine is not None)
         return d
@@ -193,7 +211,8 @@ class SamMed2DInfer(BasicInferTask):
         return True
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return [LoadImageSourced(self.segmenter), ReadPromptsd(lambda: self.segmenter().decoding)]
+        segmenter = self.segmenter()
+        return [LoadImageSourced(self.segmenter), ReadPromptsd(lambda: self.segmenter().decoding, segmenter.limits)]
 
     def inverse_transforms(self, data: dict[str, Any] | None = None) -> None:
         return None

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .build import build_model
 from .config import SamMed2DConfig, resolve_config
+from .json_files import fsync_path
 from .modeling import SamMed2D
 
 LAYOUT_PUBLISHED = "published"
@@ -189,7 +190,7 @@ def load_model(
 
 
 def save_state_dict(model_or_state: SamMed2D | Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write a plain state dict atomically (``.safetensors`` by suffix, else ``torch.save``)."""
+    """Write a plain state dict atomically and durably (``.safetensors`` by suffix, else ``torch.save``)."""
     path = Path(path)
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else dict(model_or_state)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -203,7 +204,9 @@ def save_state_dict(model_or_state: SamMed2D | Mapping[str, torch.Tensor], path:
             save_file(state, tmp)
         else:
             torch.save(state, tmp)
+        fsync_path(tmp)  # on disk before it is renamed into place: a crash leaves the old file or the new one
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .limits import Limits, is_plain_name
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -25,7 +29,14 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 class ImageReadError(ValueError):
-    """The file is missing, of an unsupported kind or unreadable; the message names it and says why."""
+    """The file is missing, of an unsupported kind or unreadable; the message names it and says why.
+
+    ``status`` is the HTTP status a server answers with: 422 (unusable content) or 413 (more pixels than allowed).
+    """
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def suffix_of(path: str | Path) -> str:
@@ -124,22 +135,32 @@ def picture_affine(spacing_xy: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
 
 
 def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map ``[low, high]`` linearly to 0..255 (rounded, clipped): the one mapping for serving and for training data."""
+    """Map ``[low, high]`` linearly to 0..255 (rounded, clipped): the one mapping for serving and for training data.
+
+    Defined for every value: NaN (no data, e.g. outside a resampled field of view) and -inf map to 0, +inf to 255; a
+    constant image (``high == low``) maps to 0 everywhere.
+    """
     scale = 255.0 / (high - low) if high > low else 0.0
-    mapped = np.rint((values.astype(np.float64) - low) * scale)
+    with np.errstate(invalid="ignore"):
+        mapped = np.rint((values.astype(np.float64) - low) * scale)
+    mapped = np.nan_to_num(mapped, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(mapped, 0.0, 255.0).astype(np.uint8)
 
 
-def read_image(path: str | Path) -> ImageSource:
+def read_image(path: str | Path, limits: Limits | None = None) -> ImageSource:
     """Load a 2D picture, a single-frame DICOM, a volume file or a DICOM series folder.
 
+    The header is checked first (:func:`check_header`): nothing is decoded when the image is larger than ``limits``
+    (default: :class:`lib.limits.Limits`'s) or points at data elsewhere.
+
     Raises:
-        ImageReadError: missing, unsupported or unreadable input.
+        ImageReadError: missing, unsupported, unreadable or too large input.
     """
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"image {path} does not exist")
     content = fingerprint(path)
+    check_header(path, limits or Limits())
     if path.is_dir():
         return _read_volume(path, content)
     suffix = suffix_of(path)
@@ -155,6 +176,98 @@ def read_image(path: str | Path) -> ImageSource:
     )
 
 
+def check_header(path: str | Path, limits: Limits) -> None:
+    """Check an image from its header alone, before any pixel is decoded.
+
+    Refused: more pixels (2D) or voxels (3D) than ``limits`` allow (413), and files whose pixel data is elsewhere
+    (NRRD ``data file:``, MetaImage ``ElementDataFile`` other than ``LOCAL`` or a file beside it): such a header makes
+    the reader open any file the server can read.
+
+    Raises:
+        ImageReadError: unreadable header (422), detached data (422) or too large (413).
+    """
+    path = Path(path)
+    suffix = "" if path.is_dir() else suffix_of(path)
+    try:
+        if path.is_dir():
+            files = [f for f in sorted(path.iterdir()) if f.is_file()]
+            first = _dicom_header_size(files[0]) if files else 0
+            size, is_volume = first * len(files), True
+        elif suffix in PICTURE_SUFFIXES:
+            size, is_volume = _picture_header_size(path), False
+        elif suffix in (".nii", ".nii.gz"):
+            import nibabel as nib
+
+            size, is_volume = math.prod(nib.load(str(path)).shape), True
+        elif suffix == ".nrrd":
+            size, is_volume = _nrrd_header_size(path), True
+        elif suffix in (".mha", ".mhd"):
+            size, is_volume = _metaimage_header_size(path), True
+        else:  # single-frame DICOM, or a file read_image refuses anyway
+            size, is_volume = (
+                (_dicom_header_size(path) if _looks_like_dicom(path) or suffix in DICOM_SUFFIXES else 0),
+                False,
+            )
+    except ImageReadError:
+        raise
+    except Exception as exc:  # PIL, nibabel, pynrrd and pydicom raise many types for a broken header
+        kind = "volume" if suffix in VOLUME_SUFFIXES else "picture" if suffix in PICTURE_SUFFIXES else "DICOM image"
+        kind = "DICOM series" if path.is_dir() else kind
+        raise ImageReadError(f"image {path.name} is not a readable {kind}: {exc}") from exc
+    bound, what, key = (
+        (limits.volume_voxels, "voxels", "max_volume_voxels")
+        if is_volume
+        else (limits.image_pixels, "pixels", "max_image_pixels")
+    )
+    if size > bound:
+        raise ImageReadError(
+            f"image {path.name} has {size} {what}, more than the server accepts ({bound}; --conf {key})", 413
+        )
+
+
+def _picture_header_size(path: Path) -> int:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's decompression-bomb warning: the bound here is the server's own
+        with Image.open(path) as img:
+            width, height = img.size
+    return width * height
+
+
+def _dicom_header_size(path: Path) -> int:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def _nrrd_header_size(path: Path) -> int:
+    import nrrd
+
+    header = nrrd.read_header(str(path))
+    if "data file" in header or "datafile" in header:
+        raise ImageReadError(f"image {path.name}: NRRD files with a detached data file ('data file:') are not accepted")
+    return math.prod(int(s) for s in header["sizes"])
+
+
+def _metaimage_header_size(path: Path) -> int:
+    fields: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for raw in f:
+            key, _, value = raw.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":  # the last header field; pixel data follows in .mha files
+                break
+    data_file = fields.get("ElementDataFile", "")
+    # LIST and "pattern min max step" name other files; a path or "../" names any file the server can read.
+    if data_file != "LOCAL" and (data_file.upper() == "LIST" or not is_plain_name(data_file)):
+        raise ImageReadError(
+            f"image {path.name}: MetaImage data must be LOCAL or one file beside the header, not {data_file[:40]!r}"
+        )
+    return math.prod(int(s) for s in fields.get("DimSize", "0").split())
+
+
 def _looks_like_dicom(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -165,9 +278,16 @@ def _looks_like_dicom(path: Path) -> bool:
 
 
 def _with_range(pixels: np.ndarray) -> tuple[float, float]:
+    """The default window: min..max of the finite values (NaN and infinities are mapped by :func:`to_uint8`)."""
     if pixels.size == 0:
         raise ImageReadError("empty image")
-    return float(pixels.min()), float(pixels.max())
+    low, high = float(pixels.min()), float(pixels.max())
+    if math.isfinite(low) and math.isfinite(high):
+        return low, high
+    finite = pixels[np.isfinite(pixels)]
+    if finite.size == 0:
+        raise ImageReadError("image has no finite pixel value (all NaN or infinite): nothing to segment")
+    return float(finite.min()), float(finite.max())
 
 
 def _read_picture(path: Path, content: str) -> ImageSource:

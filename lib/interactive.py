@@ -26,6 +26,7 @@ import torch
 from .decoding import ServedDecoding, decode_view, prompt_independent_inputs, view_mask
 from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from .image_source import ImageSource, fingerprint, read_image
+from .limits import Limits
 from .model_store import ModelStore
 from .modeling import SamMed2D
 from .onnx_backend import OnnxDecoder
@@ -164,6 +165,10 @@ class _LRU:
         return len(self._items)
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class InteractiveSegmenter:
     """Serves clicks on images for many clients, with the served weights of a :class:`ModelStore`.
 
@@ -180,6 +185,8 @@ class InteractiveSegmenter:
         max_states: remembered previous masks (client, image, view, label).
         max_volume_labels: remembered propagated labels (client, image, window, label), also bounded by
             ``max_volume_bytes`` (bit-packed: a 512x512x300 label is 10 MB).
+        limits: request bounds; here the pixels of an image (checked from its header before it is decoded) and the
+            bytes of the remembered previous masks (``state_mb``).
         decode_threads: intra-op threads for the per-click decoder (``None``: torch's setting). The decoder's
             operations are small: one thread avoids the synchronisation that makes several threads slow, very slow
             when other processes (a training run) share the cores.
@@ -206,7 +213,9 @@ class InteractiveSegmenter:
         encode_threads: int | None = None,
         backend: str = "torch",
         encoder_precision: str = "fp32",
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         if encoder_precision not in PRECISIONS:
             raise ValueError(f"encoder precision must be one of {PRECISIONS}, got {encoder_precision!r}")
         if encoder_precision == "int8" and torch.device(device).type != "cpu":
@@ -225,13 +234,16 @@ class InteractiveSegmenter:
         self.decoding = decoding or ServedDecoding()
         self.cache = EmbeddingCache(cache_bytes)
         self._sources = _LRU(max_sources, max_source_bytes, lambda source: source.nbytes)
-        self._states = _LRU(max_states)
+        self._states = _LRU(max_states, self.limits.state_bytes, _tensor_bytes)
         self._volumes = _LRU(max_volume_labels, max_volume_bytes, lambda label: label.nbytes)
         self._model: SamMed2D | None = None
         self._image_pe: torch.Tensor | None = None
         self._model_key: str | None = None
         self._failed_key: str | None = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the model swap, and each click's decode and interaction state
+        # One encode at a time (an encode uses every core); held apart from the click lock so that clicks on views
+        # already encoded never wait for another user's new image.
+        self._encode_lock = threading.Lock()
         self.last_load_error: str | None = None
         self._last_click = time.monotonic()
 
@@ -321,7 +333,7 @@ class InteractiveSegmenter:
         cached = self._sources.get(path)
         if cached is not None and cached.content == content:
             return cached, True
-        source = read_image(path)
+        source = read_image(path, self.limits)
         self._sources.put(path, source)
         return source, False
 
@@ -346,29 +358,46 @@ class InteractiveSegmenter:
         found = [self.cache.get(key) for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
-            cfg = model.config
-            with torch.inference_mode():
-                inputs = [
-                    preprocess_image(
-                        source.view(slices[i], window),
-                        cfg.image_size,
-                        cfg.pixel_mean,
-                        cfg.pixel_std,
-                        self.decoding.policy,
-                        device=self.device,
-                    )
-                    for i in missing
-                ]
-                with torch_threads(self.encode_threads):
-                    features = model.encode(torch.cat([tensor for tensor, _ in inputs]))
-                for row, (i, (_, geometry)) in enumerate(zip(missing, inputs, strict=True)):
-                    view_features = features[row : row + 1].clone()  # its own storage, so the cache sizes it alone
-                    extras = self._decoder_inputs(model, view_features)
-                    found[i] = CachedEmbedding(features=view_features, geometry=geometry, extras=extras)
-                    self.cache.put(keys[i], found[i])
-            del features
-            release_freed_memory(collect=False)  # the encoder's activations, so resident memory does not creep up
+            with self._encode_lock:  # one encode at a time; clicks on encoded views do not wait for it
+                found = [entry or self.cache.get(key) for entry, key in zip(found, keys, strict=True)]
+                missing = [i for i, entry in enumerate(found) if entry is None]  # some encoded while this one waited
+                if missing:
+                    self._encode_views(model, source, slices, window, keys, found, missing)
         return [(entry, key, i not in missing) for i, (entry, key) in enumerate(zip(found, keys, strict=True))]
+
+    def _encode_views(
+        self,
+        model: SamMed2D,
+        source: ImageSource,
+        slices: Sequence[int | None],
+        window: tuple[float, float] | None,
+        keys: list[EmbeddingKey],
+        found: list[CachedEmbedding | None],
+        missing: list[int],
+    ) -> None:
+        """Encode the ``missing`` views in one batch, cache them and fill them into ``found``."""
+        cfg = model.config
+        with torch.inference_mode():
+            inputs = [
+                preprocess_image(
+                    source.view(slices[i], window),
+                    cfg.image_size,
+                    cfg.pixel_mean,
+                    cfg.pixel_std,
+                    self.decoding.policy,
+                    device=self.device,
+                )
+                for i in missing
+            ]
+            with torch_threads(self.encode_threads):
+                features = model.encode(torch.cat([tensor for tensor, _ in inputs]))
+            for row, (i, (_, geometry)) in enumerate(zip(missing, inputs, strict=True)):
+                view_features = features[row : row + 1].clone()  # its own storage, so the cache sizes it alone
+                extras = self._decoder_inputs(model, view_features)
+                found[i] = CachedEmbedding(features=view_features, geometry=geometry, extras=extras)
+                self.cache.put(keys[i], found[i])
+        del features
+        release_freed_memory(collect=False)  # the encoder's activations, so resident memory does not creep up
 
     def embedding_key(self, source: ImageSource, prompts: ViewPrompts, model_key: str) -> EmbeddingKey:
         return self._view_key(source, prompts.slice_index, prompts.window, model_key)
@@ -429,13 +458,13 @@ class InteractiveSegmenter:
         """
         self._last_click = time.monotonic()
         times: dict[str, float] = {}
+        t = time.perf_counter()
+        model, model_key = self.model()
+        times["model"] = time.perf_counter() - t
+        t = time.perf_counter()
+        entry, key, cached = self.embedding(model, model_key, source, prompts)
+        times["embed"] = time.perf_counter() - t
         with self._lock:
-            t = time.perf_counter()
-            model, model_key = self.model()
-            times["model"] = time.perf_counter() - t
-            t = time.perf_counter()
-            entry, key, cached = self.embedding(model, model_key, source, prompts)
-            times["embed"] = time.perf_counter() - t
             state_key = (client_id, key, label)
             previous = None if reset else self._states.get(state_key)
             t = time.perf_counter()

@@ -2,44 +2,61 @@
 
 Layout of ``model_dir``::
 
-    published.pt                 plain state dict now served (written atomically; its mtime is the model's version)
-    published.json               metadata of the served version (version id, metrics, time, and what it was trained
-                                 from: the network config and the base checkpoint's fingerprint)
-    versions/<version>/model.pt  every published version, kept with
-    versions/<version>/metrics.json
+    current.json                 {"version": <name>} of the served version, or null for the base: the one switch
+    versions/<version>/model.pt  every kept version: a plain state dict
+    versions/<version>/metrics.json   its metadata (version id, metrics, time, and what it was trained from: the
+                                 network config and the base checkpoint's fingerprint)
+    train.lock                   held by the training run in progress (one at a time, whatever starts it)
+
+Switching what serves (publish, rollback) is one atomic, fsynced rename of ``current.json``: weights and metadata
+are those of one version folder, complete and on disk before the switch, so a crash (``kill -9``, power cut) at
+any point leaves one consistent version serving. A model_dir from before ``current.json`` (``published.pt`` and
+``published.json``) serves the version ``published.json`` names until the next switch.
 
 Inference asks :meth:`ModelStore.serving_path` and :meth:`ModelStore.version_key` on each request and reloads when
-the key changes; the trainer calls :meth:`ModelStore.publish` at the end of a successful run. A published version
-trained from another network config or another base checkpoint than the server now runs with (the same ``model_dir``
-after a change of ``--conf model`` or ``checkpoint``) is not served: the base serves and
-:meth:`ModelStore.published_mismatch` says why, for the log and ``/info``. Nothing here imports the server.
+the key changes; the trainer calls :meth:`ModelStore.publish` at the end of a successful run. What serves is the
+current version when it can: a version trained from another network config or another base checkpoint than the
+server now runs with (the same ``model_dir`` after a change of ``--conf model`` or ``checkpoint``), or whose file
+is empty or does not load, is not served; the newest usable version published before it serves instead, else the
+base, and :meth:`ModelStore.published_mismatch` says why, for the log and ``/info``. Publishing keeps the newest
+``keep_versions`` versions (the serving one always). Nothing here imports the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import hashlib
 import json
-import os
+import logging
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .build import build_model
-from .checkpoint import CheckpointError, load_model, save_state_dict
+from .checkpoint import load_model, save_state_dict
 from .config import SamMed2DConfig, resolve_config
-from .json_files import write_json_atomic
+from .json_files import fsync_path, write_json_atomic
 from .modeling import SamMed2D
 
-PUBLISHED = "published.pt"
-PUBLISHED_META = "published.json"
+PUBLISHED = "published.pt"  # before current.json: a copy of the served version's weights
+PUBLISHED_META = "published.json"  # before current.json: the served version's metadata
+CURRENT = "current.json"
 VERSIONS = "versions"
+TRAIN_LOCK = "train.lock"
+_SWITCH_LOCK = ".switch.lock"
 _FINGERPRINT_BYTES = 1 << 20  # hashed from each end of a checkpoint: enough to tell files apart, fast for 400 MB
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingInProgressError(RuntimeError):
+    """Another training run holds the model store's training lock."""
 
 
 def checkpoint_fingerprint(path: str | Path | None, seed: int = 0) -> str:
@@ -62,12 +79,13 @@ class ModelStore:
     """Resolves, loads and publishes the served SAM-Med2D weights.
 
     Args:
-        model_dir: folder holding ``published.pt`` and ``versions/``.
+        model_dir: folder holding ``current.json`` and ``versions/``.
         config: network config (name, JSON path, dict or :class:`SamMed2DConfig`).
         base_checkpoint: weights served before anything is published (any layout :func:`load_model` reads); ``None``
             serves a seeded random initialisation (a loud warning belongs to the caller).
         adapters: run the encoder adapters (SAM-Med2D) or not (SAM-Med2D*).
         seed: seed of the random initialisation when there is no checkpoint.
+        keep_versions: versions kept after a publish (the newest ones; the serving version is never removed).
     """
 
     def __init__(
@@ -77,14 +95,18 @@ class ModelStore:
         base_checkpoint: str | Path | None = None,
         adapters: bool = True,
         seed: int = 0,
+        keep_versions: int = 5,
     ) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
         self.model_dir = Path(model_dir)
         self.config = resolve_config(config)
         self.base_checkpoint = Path(base_checkpoint) if base_checkpoint else None
         self.adapters = adapters
         self.seed = seed
-        self._meta_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
-        self._unloadable: dict[tuple[int, int], str] = {}
+        self.keep_versions = keep_versions
+        self._json_cache: dict[Path, tuple[tuple[int, int], Any]] = {}
+        self._unloadable: dict[tuple[str, int, int], str] = {}
         self._fingerprint: tuple[tuple[str, int, int], str] | None = None
         self._config_dict = self.config_dict()
 
@@ -101,17 +123,49 @@ class ModelStore:
             self._fingerprint = (key, checkpoint_fingerprint(path, self.seed))
         return self._fingerprint[1]
 
-    def published_mismatch(self) -> str | None:
-        """Why the published model cannot serve with this store's config and base (``None``: it can, or there is
-        none): another architecture, another base checkpoint, or a file that failed to load."""
-        if not self.published_path.is_file():
+    def _read_json(self, path: Path) -> Any:
+        """A small JSON file, read again only when it changed (inference asks on every click); ``None`` if absent
+        or unreadable."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
             return None
-        stat = self.published_path.stat()
-        failed = self._unloadable.get((stat.st_size, stat.st_mtime_ns))
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        cached = self._json_cache.get(path)
+        if cached is None or cached[0] != stamp:
+            try:
+                value = json.loads(path.read_text())
+            except (OSError, ValueError):
+                value = None
+            cached = self._json_cache[path] = (stamp, value)
+        return cached[1]
+
+    def current_version(self) -> str | None:
+        """The version the switch names (``None``: the base)."""
+        current = self._read_json(self.model_dir / CURRENT)
+        if isinstance(current, dict):
+            return current.get("version")
+        legacy = self._read_json(self.model_dir / PUBLISHED_META)
+        return legacy.get("version") if isinstance(legacy, dict) else None
+
+    def version_meta(self, version: str) -> dict[str, Any]:
+        """``versions/<version>/metrics.json`` (``{"version": version}`` when it has none)."""
+        meta = self._read_json(self.versions_dir / version / "metrics.json")
+        return dict(meta) if isinstance(meta, dict) else {"version": version}
+
+    def _unusable(self, version: str) -> str | None:
+        """Why a kept version cannot serve with this store's config and base (``None``: it can)."""
+        path = self.versions_dir / version / "model.pt"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return f"version {version} has no model file"
+        if stat.st_size == 0:
+            return f"version {version}: its model file is empty"
+        failed = self._unloadable.get((str(path), stat.st_size, stat.st_mtime_ns))
         if failed:
             return failed
-        meta = self.published_meta()
-        version = meta.get("version", "published")
+        meta = self.version_meta(version)
         trained_config = meta.get("model_config")
         if trained_config is not None and trained_config != self._config_dict:
             current = self._config_dict
@@ -127,20 +181,35 @@ class ModelStore:
             )
         return None
 
+    def published_mismatch(self) -> str | None:
+        """Why the current version does not serve (``None``: it does, or the base is current): another architecture,
+        another base checkpoint, or a file that is empty or failed to load."""
+        version = self.current_version()
+        return self._unusable(version) if version else None
+
     @property
     def published_path(self) -> Path:
-        return self.model_dir / PUBLISHED
+        """The current version's weights (they serve unless :meth:`published_mismatch` says why not)."""
+        version = self.current_version()
+        return self.versions_dir / version / "model.pt" if version else self.model_dir / PUBLISHED
 
     @property
     def versions_dir(self) -> Path:
         return self.model_dir / VERSIONS
 
+    def _serving_version(self) -> str | None:
+        """The current version if usable, else the newest usable one published before it, else ``None`` (base)."""
+        current = self.current_version()
+        if current is None or self._unusable(current) is None:
+            return current
+        older = [v for v in self._version_names() if v < current]
+        return next((v for v in reversed(older) if self._unusable(v) is None), None)
+
     def serving_path(self) -> Path | None:
-        """The file whose weights are served now: the published model if any (and it fits this server's config and
-        base), else the base checkpoint."""
-        if self.published_path.is_file() and self.published_mismatch() is None:
-            return self.published_path
-        return self.base_checkpoint
+        """The file whose weights are served now: the current version's if it can serve, else the newest usable
+        version before it, else the base checkpoint."""
+        version = self._serving_version()
+        return self.versions_dir / version / "model.pt" if version else self.base_checkpoint
 
     def version_key(self) -> str:
         """Changes whenever the served weights change (path, size and mtime in ns, adapter switch)."""
@@ -152,53 +221,67 @@ class ModelStore:
 
     def active_version(self) -> str:
         """Human-readable name of what serves: a published version id, ``base`` or ``random-init``."""
-        if self.serving_path() == self.published_path:
-            meta = self.published_meta()
-            return str(meta.get("version", "published"))
+        version = self._serving_version()
+        if version:
+            return str(self.version_meta(version).get("version", version))
         return "base" if self.base_checkpoint else "random-init"
 
     def published_meta(self) -> dict[str, Any]:
-        """``published.json`` (read again only when it changed: inference asks on every click)."""
-        path = self.model_dir / PUBLISHED_META
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return {}
-        stamp = (stat.st_size, stat.st_mtime_ns)
-        if self._meta_cache is None or self._meta_cache[0] != stamp:
-            self._meta_cache = (stamp, json.loads(path.read_text()))
-        return dict(self._meta_cache[1])
+        """Metadata of the current version (``{}`` when the base is current)."""
+        version = self.current_version()
+        return self.version_meta(version) if version else {}
 
     def load(self, device: str | torch.device = "cpu") -> SamMed2D:
         """Build and load the served model (eval mode).
 
-        A published file that does not load into this config (a version of another architecture published before
-        versions recorded their config) is set aside: the base serves and :meth:`published_mismatch` says why.
+        A version file that does not load (truncated, or of another architecture published before versions recorded
+        their config) is set aside and the next candidate loads: :meth:`published_mismatch` says why.
         """
-        path = self.serving_path()
-        if path == self.published_path:
+        while (version := self._serving_version()) is not None:
+            path = self.versions_dir / version / "model.pt"
             try:
                 return load_model(path, self.config, device=device, adapters=self.adapters)
-            except CheckpointError as exc:
+            except Exception as exc:  # noqa: BLE001 (torch.load, zip and pickle raise many types for a bad file)
                 stat = path.stat()
-                self._unloadable[(stat.st_size, stat.st_mtime_ns)] = f"published model does not load: {exc}"
-                path = self.serving_path()
-        if path is None:
+                self._unloadable[(str(path), stat.st_size, stat.st_mtime_ns)] = (
+                    f"version {version} does not load: {exc}"
+                )
+                logger.error("Version %s does not load (%s); serving the next usable weights", version, exc)
+        if self.base_checkpoint is None:
             torch.manual_seed(self.seed)
             model = build_model(self.config)
             if self.config.encoder_adapter:
                 model.set_adapters_enabled(self.adapters)
             return model.to(device).eval()
-        return load_model(path, self.config, device=device, adapters=self.adapters)
+        return load_model(self.base_checkpoint, self.config, device=device, adapters=self.adapters)
 
-    def publish(self, model_or_state: torch.nn.Module | Mapping[str, torch.Tensor], metrics: Mapping[str, Any]) -> str:
+    # ------------------------------------------------------------------ versions
+    def _version_names(self) -> list[str]:
+        """Kept versions with a model file, oldest first (names sort by publication)."""
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if (p / "model.pt").is_file())
+
+    def list_versions(self) -> list[dict[str, Any]]:
+        """Every kept version with its metrics, oldest first."""
+        return [self.version_meta(name) for name in self._version_names()]
+
+    def publish(
+        self,
+        model_or_state: torch.nn.Module | Mapping[str, torch.Tensor],
+        metrics: Mapping[str, Any],
+        if_serving: str | None = None,
+    ) -> str | None:
         """Keep a new version with its metrics and make it the served model; returns the version id.
 
-        The version folder is complete before ``published.pt`` is replaced (atomically), so a crash at any point
-        leaves the previously served model in place.
+        The version folder is complete and on disk before the switch. With ``if_serving`` (a :meth:`version_key`
+        taken when the run started) the switch happens only if that is still what serves: a rollback during the run
+        wins, the new version is removed and ``None`` returned.
         """
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        version = f"v{len(self.list_versions()) + 1:04d}-{stamp}"
+        names = self._version_names()
+        number = int(names[-1][1:5]) + 1 if names and names[-1][1:5].isdigit() else len(names) + 1
+        version = f"v{number:04d}-{stamp}"
         folder = self.versions_dir / version
         save_state_dict(model_or_state, folder / "model.pt")
         meta = {
@@ -209,41 +292,60 @@ class ModelStore:
             "base": self.base_fingerprint(),
         }
         write_json_atomic(folder / "metrics.json", meta)
-        self._activate(folder, meta)
+        fsync_path(self.versions_dir)
+        with self._switch_lock():
+            if if_serving is not None and self.version_key() != if_serving:
+                shutil.rmtree(folder, ignore_errors=True)
+                return None
+            self._switch(version)
+        self._prune()
         return version
 
-    def list_versions(self) -> list[dict[str, Any]]:
-        """Every kept version with its metrics, oldest first."""
-        if not self.versions_dir.is_dir():
-            return []
-        out = []
-        for folder in sorted(p for p in self.versions_dir.iterdir() if (p / "model.pt").is_file()):
-            meta_path = folder / "metrics.json"
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"version": folder.name}
-            out.append(meta)
-        return out
-
     def rollback(self, version: str) -> None:
-        """Serve a kept version again (``base`` removes the published model so the base checkpoint serves)."""
-        if version == "base":
-            self.published_path.unlink(missing_ok=True)
-            (self.model_dir / PUBLISHED_META).unlink(missing_ok=True)
-            return
-        folder = self.versions_dir / version
-        if not (folder / "model.pt").is_file():
-            known = ", ".join(v["version"] for v in self.list_versions()) or "none"
+        """Serve a kept version again (``base``: the base checkpoint serves). A training run in progress then does
+        not publish (see :meth:`publish`'s ``if_serving``)."""
+        if version != "base" and version not in self._version_names():
+            known = ", ".join(self._version_names()) or "none"
             raise ValueError(f"unknown model version {version!r}; kept versions: {known}")
-        meta_path = folder / "metrics.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"version": version}
-        self._activate(folder, meta)
+        with self._switch_lock():
+            self._switch(None if version == "base" else version)
 
-    def _activate(self, folder: Path, meta: Mapping[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.model_dir, prefix=f".{PUBLISHED}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shutil.copyfile(folder / "model.pt", tmp)
-            os.replace(tmp, self.published_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        write_json_atomic(self.model_dir / PUBLISHED_META, meta)
+    def _switch(self, version: str | None) -> None:
+        """Name what serves in one atomic, durable rename; then drop the files of the layout before it."""
+        write_json_atomic(self.model_dir / CURRENT, {"version": version})
+        for legacy in (PUBLISHED, PUBLISHED_META):
+            (self.model_dir / legacy).unlink(missing_ok=True)
+
+    def _prune(self) -> None:
+        """Remove the oldest versions beyond ``keep_versions`` (never the current or the serving one), and folders
+        of publishes cut short (by a crash) older than the newest kept version."""
+        complete = self._version_names()
+        keep = set(complete[-self.keep_versions :]) | {self.current_version(), self._serving_version()}
+        newest = max(name for name in keep if name)
+        for folder in self.versions_dir.iterdir():
+            if folder.name not in keep and folder.name < newest:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _switch_lock(self) -> Iterator[None]:
+        """Serialise switches across processes (a run publishing, a rollback from the command line)."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.model_dir / _SWITCH_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    @contextlib.contextmanager
+    def training_lock(self) -> Iterator[None]:
+        """Held for a whole training run; a second run, whatever starts it, gets :class:`TrainingInProgressError`.
+
+        An OS file lock: released when the process holding it ends, even by ``kill -9``.
+        """
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.model_dir / TRAIN_LOCK, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TrainingInProgressError(
+                    f"a training run is already in progress on {self.model_dir} (one at a time)"
+                ) from None
+            yield

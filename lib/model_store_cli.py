@@ -24,11 +24,11 @@ def _store(model_dir: str) -> ModelStore:
     path = Path(model_dir)
     if not path.is_dir():
         raise ValueError(f"model dir {path} does not exist")
-    return ModelStore(path)  # listing and rollback copy files; the network config is never used here
+    return ModelStore(path)  # listing and rollback only name versions; the network config is never used here
 
 
 def _active(store: ModelStore) -> str:
-    return str(store.published_meta().get("version", "base")) if store.published_path.is_file() else "base"
+    return str(store.current_version() or "base")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

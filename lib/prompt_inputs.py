@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .limits import Limits
+
 
 class InvalidRequestError(ValueError):
     """A request the server cannot honour; ``status`` is the HTTP status to answer with (4xx)."""
@@ -148,6 +150,7 @@ def parse_prompts(
     num_slices: int | None,
     affine: np.ndarray | None = None,
     default_multimask: bool = True,
+    max_points: int = Limits.points,
 ) -> ViewPrompts:
     """Check a request's prompts against the image and express them in pixels of one view.
 
@@ -159,10 +162,17 @@ def parse_prompts(
         affine: the volume's RAS affine: reads Slicer's ``slice`` (a view offset in mm) next to a 6-value roi.
         default_multimask: ``multimask_output`` when the request does not say (or says ``"auto"``): the server's
             :attr:`lib.decoding.ServedDecoding.multimask_output`.
+        max_points: most foreground plus background points (``--conf max_points``).
 
     Raises:
-        InvalidRequestError: malformed, out-of-image or contradictory prompts, or none at all.
+        InvalidRequestError: malformed, out-of-image or contradictory prompts, none at all, or too many (413).
     """
+    # Counted before any point is looked at: a request's cost grows with its points (the decoder attends to each).
+    count = sum(len(v) for v in (request.get("foreground"), request.get("background")) if isinstance(v, Sequence))
+    if count > max_points:
+        raise InvalidRequestError(
+            f"{count} points in one request; the server accepts {max_points} (--conf max_points)", 413
+        )
     h, w = view_hw
     is_volume = num_slices is not None
 

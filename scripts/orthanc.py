@@ -6,7 +6,7 @@ server listens on 127.0.0.1 only, without authentication, with its database in a
 
     python scripts/orthanc.py start --storage /tmp/orthanc            # port 8042, DICOM port off
     python scripts/orthanc.py upload ../shared/data/dicom_ct_series ../shared/data/dicom_ct_seg/0*.dcm
-    .venv/bin/monailabel start_server --app apps/sam_med2d --studies http://127.0.0.1:8042/dicom-web
+    .venv/bin/monailabel start_server --app apps/sam_med2d --studies http://127.0.0.1:8042/dicom-web --host 127.0.0.1
     python scripts/orthanc.py stop --storage /tmp/orthanc
 
 Only the standard library is used, so it runs with any Python 3.

@@ -342,13 +342,13 @@ def test_single_frame_dicom(server: str, tmp_path: Path) -> None:
     assert read_label_file(data, ".nrrd", tmp_path).GetSize() == (128, 128, 1)
 
 
-def test_dicom_series_folder(server: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A DICOM series (a folder on the server, as a DICOMweb datastore caches it)."""
-    folder = tmp_path_factory.mktemp("series") / "ct_series"
+def test_dicom_series_folder(server: str, studies: Path, tmp_path: Path) -> None:
+    """A DICOM series (a folder in the datastore, as a DICOMweb datastore caches it)."""
+    folder = studies / "ct_series"
     _write_dicom_series(Path(pydicom.data.get_testdata_file("CT_small.dcm")), folder)
     status, result, data, _ = infer(server, "sam_med2d_points", str(folder), {"foreground": [[64, 60, 2]]} | SLICER)
     assert status == 200, result
-    label_path = folder.parent / "label.nrrd"
+    label_path = tmp_path / "label.nrrd"
     label_path.write_bytes(data)
     label, series = (
         sitk.ReadImage(str(label_path)),

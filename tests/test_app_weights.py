@@ -78,7 +78,7 @@ def test_published_weights_serve_the_next_request(setup, golden_dir: Path) -> No
     assert not np.array_equal(read_png(before_png), read_png(after_png))
     info = requests.get(f"{url}/info/").json()["sam_med2d"]
     assert info["model_version"] == version and "warning" not in info
-    assert json.loads((model_dir / "published.json").read_text())["version"] == version
+    assert json.loads((model_dir / "current.json").read_text())["version"] == version
 
 
 def test_versions_of_another_architecture_do_not_stop_the_server(tmp_path: Path, golden_dir: Path) -> None:

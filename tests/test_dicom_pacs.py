@@ -280,6 +280,18 @@ def test_unknown_series_is_404_and_stores_nothing(server: str, orthanc: Orthanc,
     assert set(segs_in_pacs(orthanc)) == before
 
 
+def test_ids_that_are_not_uids_are_refused(server: str, orthanc: Orthanc) -> None:
+    """Series ids become folders of the local cache: anything but a DICOM UID is a 400 before the PACS is asked."""
+    before = set(segs_in_pacs(orthanc))
+    for series in ("../../../../tmp/escape_series", "1.2.3/../../4", "1.2.3.4%2F..%2F5"):
+        answer = infer(server, series, {"foreground": [[10, 10, 0]]})
+        assert answer.status_code == 400 and "not a DICOM UID" in answer.text, answer.text
+        saved = save_label(server, series, "label.bin", b"\x01" * 8, {})
+        assert saved.status_code == 400, saved.text
+    assert not list(Path("/tmp").glob("escape_series*"))
+    assert set(segs_in_pacs(orthanc)) == before
+
+
 def test_series_that_vanished_from_the_pacs(
     server: str, orthanc: Orthanc, data_dir: Path, tmp_path: Path, pacs: dict[str, str]
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lib.build import build_model
-from lib.model_store import ModelStore
+from lib.model_store import ModelStore, TrainingInProgressError
 
 
 def _state(golden_config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -62,7 +62,7 @@ def test_a_publish_that_fails_midway_leaves_the_served_model(tmp_path: Path, gol
     assert store.published_path.read_bytes() == before
     assert store.published_path.stat().st_mtime_ns == stat.st_mtime_ns
     assert store.active_version() == v1
-    assert json.loads((tmp_path / "published.json").read_text())["version"] == v1
+    assert json.loads((tmp_path / "current.json").read_text())["version"] == v1 == store.published_meta()["version"]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
 
@@ -96,11 +96,54 @@ def test_a_published_file_that_does_not_load_falls_back_to_the_base(
     to load, the base serves, the reason is kept."""
     store = ModelStore(tmp_path, golden_config, base_checkpoint=golden_dir / "weights.pth")
     wider = {**golden_config, "encoder_depth": golden_config["encoder_depth"] + 1}
-    store.publish(_state(wider, 1), {"val_dice": 0.5})
-    meta = json.loads((tmp_path / "published.json").read_text())
+    version = store.publish(_state(wider, 1), {"val_dice": 0.5})
+    meta_path = tmp_path / "versions" / version / "metrics.json"
+    meta = json.loads(meta_path.read_text())
     del meta["model_config"], meta["base"]
-    (tmp_path / "published.json").write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(meta))
     assert store.published_mismatch() is None and store.serving_path() == store.published_path
     model = store.load()
     assert _equal(model.state_dict(), torch.load(golden_dir / "weights.pth", weights_only=True)["model"])
     assert "does not load" in store.published_mismatch() and store.active_version() == "base"
+
+
+def test_an_unreadable_version_falls_back_to_the_newest_readable_one(tmp_path: Path, golden_config: dict) -> None:
+    """An empty or truncated served file (a disk that filled up, a copy cut short) never stops serving: the newest
+    readable version published before it serves, then the base."""
+    store = ModelStore(tmp_path, golden_config)
+    first, second = _state(golden_config, 1), _state(golden_config, 2)
+    v1 = store.publish(first, {})
+    v2 = store.publish(second, {})
+    (tmp_path / "versions" / v2 / "model.pt").write_bytes(b"")
+    assert store.active_version() == v1 and "empty" in store.published_mismatch()
+    assert _equal(store.load().state_dict(), first)
+    (tmp_path / "versions" / v1 / "model.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert store.active_version() == v1  # not known to be bad until it fails to load
+    model = store.load()
+    assert store.active_version() == "random-init" and "does not load" in store._unusable(v1)
+    assert model.config.encoder_depth == golden_config["encoder_depth"]
+
+
+def test_kept_versions_are_bounded_and_the_served_one_is_kept(tmp_path: Path, golden_config: dict) -> None:
+    store = ModelStore(tmp_path, golden_config, keep_versions=2)
+    versions = [store.publish(_state(golden_config, 1), {"n": n}) for n in range(3)]
+    assert [v["version"] for v in store.list_versions()] == versions[1:]
+    store.rollback(versions[1])
+    newer = [store.publish(_state(golden_config, 1), {"n": n}, if_serving=store.version_key()) for n in (3, 4)]
+    kept = [v["version"] for v in store.list_versions()]
+    assert kept == newer and store.active_version() == newer[-1]
+    assert int(newer[-1][1:5]) == 5  # numbers go on after pruning: a name is never reused
+
+
+def test_a_rollback_during_a_run_wins_and_runs_are_one_at_a_time(tmp_path: Path, golden_config: dict) -> None:
+    store = ModelStore(tmp_path, golden_config)
+    v1 = store.publish(_state(golden_config, 1), {})
+    started_from = store.version_key()  # a run starts from v1 ...
+    store.rollback("base")  # ... and an operator rolls back while it trains
+    assert store.publish(_state(golden_config, 2), {}, if_serving=started_from) is None
+    assert store.active_version() == "random-init" and [v["version"] for v in store.list_versions()] == [v1]
+    other = ModelStore(tmp_path, golden_config)  # another process's store: the lock is the file system's
+    with store.training_lock(), pytest.raises(TrainingInProgressError, match="in progress"), other.training_lock():
+        pass
+    with store.training_lock():  # released at the end of the run
+        pass

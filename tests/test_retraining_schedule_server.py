@@ -57,7 +57,7 @@ def test_interval_trigger_queues_one_more_run_and_failures_leave_the_model(tmp_p
             assert run["version_before"] == run["version_after"] == "base"
         assert info["active_version"] == "base" and info["versions"] == []
         assert info["next_scheduled"] is not None
-        assert not (tmp_path / "model" / "published.pt").exists()
+        assert not (tmp_path / "model" / "current.json").exists()
         log = server_log(url)
         assert "Retraining: run 1 ended: failed; serving base" in log
         assert "while a run is in progress; one more run queued" in log

@@ -51,7 +51,7 @@ def test_train_on_saved_hc18_labels_raises_validation_dice(tmp_path: Path, data_
         versions = store.list_versions()
         assert [v["version"] for v in versions] == [stats["published"]]
         assert versions[0]["metrics"]["val_dice"]["mean"] == pytest.approx(best)
-        published = torch.load(model_dir / "published.pt", weights_only=True)
+        published = torch.load(store.published_path, weights_only=True)
         best_run = torch.load(model_dir / "train" / "train_01" / "best.pt", weights_only=True)
         assert all(torch.equal(published[k], best_run[k]) for k in published)
         assert not (model_dir / "train" / "model.pt").exists()  # MONAI Label's own checkpoints never land here

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 # Request keys that map onto recipe fields under another name (MONAI Label's usual names).
 _RENAMED = {"max_epochs": "epochs", "train_batch_size": "batch_size"}
 _TRUE = ("1", "true", "yes", "on")
+_ROLLBACK_WINS = "the served model changed during the run (a rollback to {}): the rollback stands, nothing published"
 
 
 def _first(value: Any) -> Any:
@@ -157,7 +158,10 @@ class SamMed2DTrain(BasicTrainTask):
             # Processes on CPU talk over gloo through a rendezvous file (MONAI Label defaults to NCCL).
             request.setdefault("distributed_backend", "gloo")
             request.setdefault("distributed_url", f"file://{tempfile.mktemp(prefix='sam_med2d_dist_')}")
-        return super().__call__(request, datastore)
+        # One run at a time whatever starts it (REST, run_sync in the server, the scheduler): runs share train/ and
+        # each one's publish decision assumes the served model is the one it validated against.
+        with self.model_store.training_lock():
+            return super().__call__(request, datastore)
 
     # ------------------------------------------------------------------ data
     def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
@@ -451,10 +455,10 @@ class ValidateAndPublish:
         if not self.samples:
             self.stats["published"] = None
             self.stats["publish_reason"] = "no held-out labels to validate on (needs at least two labelled images)"
+        elif store.version_key() != self.served_key:  # a rollback during the run (one run at a time): it wins
+            self.stats["published"] = None
+            self.stats["publish_reason"] = _ROLLBACK_WINS.format(store.active_version())
         else:
-            if store.version_key() != self.served_key:  # another version serves now (a rollback, another run)
-                logger.info(f"The served model changed during the run ({store.active_version()}); validating it")
-                self.stats["served"] = self._validate_served()
             served = self.stats["served"]
             best = next(r for r in self.stats["epochs"] if r["epoch"] == self.stats["best_epoch"])
             best_mean, served_mean = best["val"]["dice"]["mean"], served["dice"]["mean"]
@@ -477,11 +481,13 @@ class ValidateAndPublish:
                     "val_images": self.stats["val_images"],
                     "decoding": self.task.decoding.to_dict(),
                 }
-                version = store.publish(read_state_dict(self.best_path)[0], metrics)
+                version = store.publish(read_state_dict(self.best_path)[0], metrics, if_serving=self.served_key)
                 self.stats["published"] = version
                 self.stats["publish_reason"] = (
                     f"validation Dice {best_mean:.4f} (epoch {best['epoch']}) >= served model {served['version']} "
                     f"{served_mean:.4f}"
+                    if version
+                    else _ROLLBACK_WINS.format(store.active_version())
                 )
         self.stats["served_after"] = store.active_version()
         self.stats["total_time"] = time.time() - self.context.start_ts

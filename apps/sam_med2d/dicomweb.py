@@ -1,8 +1,8 @@
 """The app's DICOMweb datastore: images from a PACS (Orthanc, dcm4chee, Google Healthcare...), labels back as DICOM SEG.
 
-``monailabel start_server --app apps/sam_med2d --studies http://127.0.0.1:8042/dicom-web`` serves every CT, MR and
-ultrasound series of the PACS. This is MONAI Label's own :class:`DICOMWebDatastore` (same local cache layout, same
-client settings, same ``/proxy/dicom`` that OHIF reads through) with its gaps for this app closed:
+``monailabel start_server --app apps/sam_med2d --studies http://127.0.0.1:8042/dicom-web --host 127.0.0.1`` serves
+every CT, MR and ultrasound series of the PACS. This is MONAI Label's own :class:`DICOMWebDatastore` (same local
+cache layout, same client settings, same ``/proxy/dicom`` that OHIF reads through) with its gaps for this app closed:
 
 - listing: one QIDO search per modality (``--conf dicomweb_modalities CT,MR,US``, the default), because DICOMweb
   servers do not agree on multi-valued ``Modality`` matching (Orthanc answers none for ``CT\\MR``); the other keys
@@ -45,7 +45,9 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
+from apps.sam_med2d.local_datastore import check_tag
 from lib.dicom_seg import SegError, read_seg, read_series, segments_from_label_info, write_seg
+from lib.limits import is_dicom_uid
 
 logger = logging.getLogger(__name__)
 
@@ -240,11 +242,16 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
         return [s for s in self.list_images() if s not in labeled]
 
     # --------------------------------------------------------------------------------------------------- images
+    @property
+    def root(self) -> Path:
+        """The local cache folder: images given as paths must be inside it."""
+        return Path(os.path.realpath(self._datastore.image_path()))
+
     def _series_dir(self, series_uid: str) -> Path:
-        return Path(os.path.realpath(os.path.join(self._datastore.image_path(), series_uid)))
+        return self.root / _uid(series_uid, "series")
 
     def _series_nifti(self, series_uid: str) -> Path:
-        return Path(os.path.realpath(os.path.join(self._datastore.image_path(), f"{series_uid}.nii.gz")))
+        return self.root / f"{_uid(series_uid, 'series')}.nii.gz"
 
     def _retrieve(self, study_uid: str, series_uid: str) -> list[Dataset]:
         """WADO-RS of a series in its stored transfer syntax (``transfer-syntax=*``): a PACS that cannot transcode
@@ -267,7 +274,7 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
             if not instances:
                 raise PacsError(404, f"series {series_uid} has no instances in the PACS at {self.name()}")
             for instance in instances:
-                instance.save_as(str(staging / f"{instance.SOPInstanceUID}.dcm"))
+                instance.save_as(str(staging / f"{_uid(instance.SOPInstanceUID, 'instance')}.dcm"))
             shutil.rmtree(folder, ignore_errors=True)
             try:
                 os.replace(staging, folder)
@@ -328,6 +335,8 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
                 refused or did not answer). Nothing is stored then.
         """
         label_info = dict(label_info or {})
+        check_tag(label_tag)
+        _uid(image_id, "series")
         if label_tag == DefaultLabelTag.FINAL and self.find_series(image_id) is None:
             state = "is no longer" if self._cached_locally(image_id) else "is not"
             raise PacsError(404, f"series {image_id} {state} in the PACS at {self.name()}; the label was not saved")
@@ -460,6 +469,14 @@ class SamMed2DDicomWebDatastore(DICOMWebDatastore):
                 info = self._datastore.objects[image_id].labels[DefaultLabelTag.FINAL].info
                 items.append({**item, "segments": dict(info.get("segments", {}))})
         return items
+
+
+def _uid(value: Any, what: str) -> str:
+    """A DICOM UID, checked before it names a file or folder of the cache (a request's or a PACS's ``../x`` would
+    otherwise leave it)."""
+    if not is_dicom_uid(str(value)):
+        raise PacsError(400, f"{what} UID {str(value)[:80]!r} is not a DICOM UID (digits and dots, at most 64)")
+    return str(value)
 
 
 def _label_nifti(label: np.ndarray, reference, folder: Path | None = None) -> Path:

@@ -1,6 +1,6 @@
 """MONAI Label app serving SAM-Med2D for interactive segmentation (Slicer, OHIF, REST).
 
-    monailabel start_server --app apps/sam_med2d --studies <dir> [--conf key value ...]
+    monailabel start_server --app apps/sam_med2d --studies <dir> --host 127.0.0.1 [--conf key value ...]
 
 Conf keys (all optional):
 
@@ -8,6 +8,7 @@ Conf keys (all optional):
 ``checkpoint``    base weights, any layout :func:`lib.checkpoint.load_model` reads; default: ``sam-med2d_b.pth`` (or the
                   only weights file) in ``model_dir``, downloaded there when absent and ``download`` is true
 ``model_dir``     where the served and published weights live (default ``apps/sam_med2d/model``)
+``keep_versions`` published versions kept (default 5; the serving version and the base are never removed)
 ``adapters``      ``true`` (SAM-Med2D) or ``false`` (SAM-Med2D*, adapters switched off)
 ``device``        ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available
 ``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor);
@@ -24,6 +25,15 @@ Conf keys (all optional):
                   or ``bf16`` (autocast): faster encoding, slightly different masks (``make bench`` prints both)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
+``train_checkpoint`` weights the ``sam_med2d`` training task starts from (default: the served model); training
+                  requests cannot name files (see ``docs/security.md``)
+``api_token_file`` a file holding the shared token every request must send as ``Authorization: Bearer <token>``
+                  (or the environment variable ``SAM_MED2D_API_TOKEN``); default: no token, serve on 127.0.0.1 only
+``cors_origins``  comma-separated origins (``https://viewer.example.org``) whose pages may call the server; default
+                  none (the OHIF served here is same-origin)
+``max_*``         request bounds: ``max_image_pixels``, ``max_volume_voxels``, ``max_upload_mb``, ``max_points``,
+                  ``max_state_mb``, ``max_id_chars``, ``max_request_threads`` (defaults in ``lib/limits.py``, sized
+                  for real CT/MR/US/X-ray)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
                   ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
                   next-sample strategy: see ``docs/active_learning.md``
@@ -31,9 +41,15 @@ Conf keys (all optional):
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +57,34 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
-from fastapi import HTTPException  # noqa: E402
+from fastapi import HTTPException, Request  # noqa: E402
+from fastapi.exception_handlers import http_exception_handler  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
 from monailabel.config import settings  # noqa: E402
-from monailabel.datastore.local import LocalDatastore  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
+from monailabel.interfaces.exception import (  # noqa: E402
+    ImageNotFoundException,
+    LabelNotFoundException,
+    MONAILabelError,
+    MONAILabelException,
+)
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
+from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
+from lib.asgi_threads import ThreadedPaths  # noqa: E402
 from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
-from lib.curation import CurationError, check_label  # noqa: E402
 from lib.decoding import ServedDecoding  # noqa: E402
+from lib.http_guard import GuardPolicy, HttpGuard, RequestRefusedError, wrap_running_app  # noqa: E402
 from lib.interactive import InteractiveSegmenter  # noqa: E402
-from lib.model_store import ModelStore  # noqa: E402
+from lib.limits import Limits  # noqa: E402
+from lib.model_store import ModelStore, TrainingInProgressError  # noqa: E402
 from lib.preprocessing import POLICIES  # noqa: E402
 from lib.prompt_inputs import InvalidRequestError  # noqa: E402
 from lib.published_weights import (  # noqa: E402
@@ -67,6 +94,7 @@ from lib.published_weights import (  # noqa: E402
     find_local_weights,
     how_to_fetch,
 )
+from lib.train_request import check_train_params  # noqa: E402
 from trainers.active_learning import active_learning_scoring, active_learning_strategies  # noqa: E402
 from trainers.retraining import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from trainers.sam_med2d_train import SamMed2DTrain  # noqa: E402
@@ -75,6 +103,9 @@ logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent
 EXTRA_EXTENSIONS = ["*.dcm"]  # single-frame DICOM images in a local datastore
+# Endpoints quick enough for the event loop; every other request runs on a worker thread (MONAI Label's endpoints
+# do their blocking work inside ``async`` functions, which would stall every user for as long as one request takes).
+DIRECT_PATHS = ("/info", "/static/", "/favicon.ico")
 
 
 def _flag(conf: dict[str, str], key: str, default: bool) -> bool:
@@ -91,18 +122,53 @@ def _resolve_path(value: str) -> Path:
     return beside_app.resolve() if beside_app.exists() else path.resolve()
 
 
-class CheckedLocalDatastore(LocalDatastore):
-    """The local datastore, refusing at save time (422) a label that training could not pair with its image pixel
-    for pixel (:func:`lib.curation.check_label`): the annotator learns it now, not from a run that skips it."""
+async def _client_errors(request: Request, exc: Exception) -> Response:
+    """Errors MONAI Label's endpoints let through as 500s although the request caused them: a form field that is not
+    JSON (``params``, ``info``), an id that is not in the datastore, MONAI Label's own ``INVALID_INPUT``. Anything
+    else stays a 500 with its traceback in the log."""
+    if isinstance(exc, json.JSONDecodeError):
+        return JSONResponse({"detail": f"a form field is not JSON: {exc}"}, status_code=400)
+    if isinstance(exc, ImageNotFoundException | LabelNotFoundException):
+        return JSONResponse({"detail": exc.msg}, status_code=404)
+    if isinstance(exc, MONAILabelException) and exc.error == MONAILabelError.INVALID_INPUT:
+        return JSONResponse({"detail": exc.msg}, status_code=400)
+    raise exc
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        image_uri = self.get_image_uri(image_id)
-        if image_uri:  # an unknown image is the parent's 404
-            try:
-                check_label(image_uri, label_filename, image_id)
-            except CurationError as exc:
-                raise HTTPException(422, f"label not saved: {exc}") from exc
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+# What MONAI Label's endpoints answer with an explicit 500 for a request that lacks something (a client error).
+_INPUT_500S = (
+    "Neither Image nor File not Session ID input is provided",
+    "DICOM SEG format is not supported in a non-DICOM datastore",
+)
+
+
+async def _input_500s_as_400(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 500 and exc.detail in _INPUT_500S:
+        exc = StarletteHTTPException(400, exc.detail)
+    return await http_exception_handler(request, exc)
+
+
+def _sweep(folder: Path, max_age_s: float = 900.0, every_s: float = 60.0) -> None:
+    """Remove request files older than ``max_age_s``: MONAI Label removes an upload after a successful answer only,
+    so every refused upload would otherwise stay on disk for the server's lifetime."""
+    while True:
+        time.sleep(every_s)
+        cutoff = time.time() - max_age_s
+        for path in list(folder.iterdir()):
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime < cutoff:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _private_request_dir() -> Path:
+    """A new temporary folder (mode 0700) for this server process's request files; those of servers no longer
+    running are removed (uvicorn ends by re-raising SIGTERM, so a server cannot remove its own at exit)."""
+    prefix = "sam_med2d_requests_"
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}*_*"):
+        pid = old.name.removeprefix(prefix).split("_")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and old.stat().st_uid == os.getuid():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_")).resolve()
 
 
 class SamMed2DApp(MONAILabelApp):
@@ -117,6 +183,8 @@ class SamMed2DApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.conf = dict(conf or {})
+        self.limits = Limits.from_conf(self.conf)
+        self.upload_dir: Path | None = None  # the server's private temporary folder (request uploads), once serving
         self.network_config: SamMed2DConfig = resolve_config(self.conf.get("model", "vit_b"))
         model_dir = _resolve_path(self.conf.get("model_dir", str(APP_DIR / "model")))
         self.download = _flag(self.conf, "download", True)
@@ -133,6 +201,7 @@ class SamMed2DApp(MONAILabelApp):
             base_checkpoint=self.checkpoint,
             adapters=adapters,
             seed=int(self.conf.get("seed", 0)),
+            keep_versions=int(self.conf.get("keep_versions", 5)),
         )
         device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.segmenter = InteractiveSegmenter(
@@ -145,6 +214,7 @@ class SamMed2DApp(MONAILabelApp):
             encode_threads=int(self.conf.get("encode_threads", 0)) or None,
             backend=self.conf.get("backend", "torch"),
             encoder_precision=self.conf.get("encoder_precision", "fp32"),
+            limits=self.limits,
         )
         self.weights_warning: str | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
@@ -173,9 +243,10 @@ class SamMed2DApp(MONAILabelApp):
             return super().init_datastore()
         extensions = list(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
         extensions += [e for e in EXTRA_EXTENSIONS if e not in extensions]
-        return CheckedLocalDatastore(
+        return SafeLocalDatastore(
             self.studies,
             extensions=extensions,
+            limits=self.limits,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
@@ -201,18 +272,25 @@ class SamMed2DApp(MONAILabelApp):
         return active_learning_scoring(self.conf, self.model_store, str(self.segmenter.device), self.decoding)
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        """``sam_med2d``: adapter fine-tuning on the saved labels (``--conf train_recipe``: ``continual`` default)."""
+        """``sam_med2d``: adapter fine-tuning on the saved labels (``--conf train_recipe``: ``continual`` default;
+        ``--conf train_checkpoint``: start from those weights instead of the served ones)."""
+        start = self.conf.get("train_checkpoint")
+        overrides = {"init": "checkpoint", "checkpoint": str(_resolve_path(start))} if start else None
         recipe_name = self.conf.get("train_recipe", "continual")
-        return {"sam_med2d": SamMed2DTrain(self.model_store, self.decoding, recipe_name=recipe_name)}
+        return {
+            "sam_med2d": SamMed2DTrain(self.model_store, self.decoding, recipe_name=recipe_name, overrides=overrides)
+        }
 
     # ------------------------------------------------------------ server life
     def on_init_complete(self) -> None:
-        """Server start: fetch the published weights if needed, then load the model so the first click only encodes."""
+        """Server start: guard the HTTP server, fetch the published weights if needed, then load the model so the
+        first click only encodes."""
         # MONAI Label starts scoring every unlabeled image here, in a second process with its own copy of the weights,
         # competing with the first clicks; the retraining scheduler starts it once no click came for a while.
         auto_scoring, self._auto_update_scoring = self._auto_update_scoring, False
         super().on_init_complete()
         self._auto_update_scoring = auto_scoring
+        self._guard_http_server()
         store = self.model_store
         if store.serving_path() is None and self.download and not self.conf.get("checkpoint"):
             try:
@@ -235,16 +313,69 @@ class SamMed2DApp(MONAILabelApp):
         if mismatch:
             banner = "!" * 100
             logger.warning(
-                "\n%s\nNOT SERVING THE PUBLISHED MODEL in %s: %s. Serving the base weights instead; the next promoted "
-                "run publishes a version for this configuration (or start with the config and checkpoint it was "
+                "\n%s\nNOT SERVING THE PUBLISHED MODEL in %s: %s. Serving %s instead; the next promoted run "
+                "publishes a version for this configuration (or start with the config and checkpoint it was "
                 "trained from).\n%s",
                 banner,
                 store.model_dir,
                 mismatch,
+                store.active_version(),
                 banner,
             )
         self._start_retraining()
         logger.info("SAM-Med2D ready: %s", self.weights_info())
+
+    def _guard_http_server(self) -> None:
+        """Put :class:`lib.http_guard.HttpGuard` in front of every endpoint of the running MONAI Label server, and
+        :class:`lib.asgi_threads.ThreadedPaths` behind it (``--conf max_request_threads`` requests at once).
+
+        Only in the server process (MONAI Label's FastAPI app is loaded there; training and scoring subprocesses
+        build this app without it). Request uploads then go to a private temporary folder, the one place outside the
+        datastore an ``image`` path may point to.
+        """
+        server = sys.modules.get("monailabel.app")
+        if server is None:
+            return
+        token = os.environ.get("SAM_MED2D_API_TOKEN", "")
+        if self.conf.get("api_token_file"):
+            token = _resolve_path(self.conf["api_token_file"]).read_text().strip()
+            if not token:
+                raise ValueError(f"--conf api_token_file {self.conf['api_token_file']}: the file is empty")
+        origins = [o.strip().rstrip("/") for o in self.conf.get("cors_origins", "").split(",") if o.strip()]
+        origins += [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS]
+        policy = GuardPolicy(
+            token=token,
+            origins=tuple(origins),
+            max_body_bytes=self.limits.upload_bytes,
+            health={"name": self.name, "version": self.version, "status": "ok", "authentication": "bearer token"},
+            body_checks={"/train": self._check_train_request},
+        )
+        for error in (json.JSONDecodeError, MONAILabelException):
+            server.app.add_exception_handler(error, _client_errors)
+        server.app.add_exception_handler(StarletteHTTPException, _input_500s_as_400)
+        threads = self.limits.request_threads
+        wrap_running_app(server.app, lambda stack: HttpGuard(ThreadedPaths(stack, DIRECT_PATHS, threads), policy))
+        self.upload_dir = _private_request_dir()
+        tempfile.tempdir = str(self.upload_dir)  # MONAI Label's endpoints write uploads with tempfile's defaults
+        threading.Thread(target=_sweep, args=(self.upload_dir,), name="request-files", daemon=True).start()
+        logger.info(
+            "HTTP guard: token %s, cross-origin callers %s, bodies up to %g MB",
+            "required" if token else "not required",
+            origins or "none",
+            self.limits.upload_mb,
+        )
+
+    def _check_train_request(self, path: str, params: Any) -> None:
+        """``POST /train/<model>`` (params of that task) or ``POST /train/`` (``{model: params}``)."""
+        model = path.removeprefix("/train").strip("/")
+        if model:
+            if model in self._trainers:
+                check_train_params(params, self._trainers[model].config())
+            return
+        for name, task_params in (params or {}).items() if isinstance(params, dict) else [("", params)]:
+            if name not in self._trainers:
+                raise RequestRefusedError(f"POST /train/ takes {{model: params}}; {name!r} is not a training task")
+            check_train_params(task_params, self._trainers[name].config())
 
     def _start_retraining(self) -> None:
         """Start the active-learning scheduler: retrains on accrued labels per ``--conf retrain_*``."""
@@ -270,7 +401,7 @@ class SamMed2DApp(MONAILabelApp):
         }
         mismatch = store.published_mismatch()
         if mismatch:
-            info["published_not_served"] = f"{mismatch}; serving the base weights"
+            info["published_not_served"] = f"{mismatch}; serving {store.active_version()}"
         if serving is None and self.weights_warning:
             info["warning"] = self.weights_warning
         if self.segmenter.last_load_error:
@@ -285,16 +416,36 @@ class SamMed2DApp(MONAILabelApp):
         return meta
 
     # ---------------------------------------------------------------- errors
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAILabelApp.train, with a second concurrent run (``run_sync`` beside another run) answered 409."""
+        try:
+            return super().train(request)
+        except TrainingInProgressError as exc:
+            raise HTTPException(409, str(exc)) from exc
+
+    def _inside_server_folders(self, path: str, store: Datastore) -> bool:
+        """Whether ``path`` (symbolic links resolved) is in the datastore, a session or this server's uploads."""
+        real = Path(os.path.realpath(path))
+        roots = [getattr(store, "root", None), self.upload_dir]
+        if self.sessions() is not None:
+            roots.append(Path(self.sessions().store_path).resolve())
+        return any(root is not None and real.is_relative_to(root) for root in roots)
+
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """MONAILabelApp.infer, with bad requests answered 4xx (the endpoint turns HTTPException into its status)."""
         model = request.get("model")
         if model and model not in self._infers:
             raise HTTPException(404, f"unknown model {model!r}; available: {sorted(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
+        if isinstance(image, str):
             store = datastore if datastore else self.datastore()
-            if not store.get_image_uri(image):
-                raise HTTPException(404, f"unknown image {image!r}: not in the datastore and not a file on the server")
+            if os.path.exists(image):
+                if not self._inside_server_folders(image, store):
+                    raise HTTPException(
+                        403, "image paths must be inside the datastore; send the image's id or upload the file"
+                    )
+            elif not store.get_image_uri(image):
+                raise HTTPException(404, f"unknown image {image[:200]!r}: not in the datastore")
         try:
             return super().infer(request, datastore)
         except InvalidRequestError as exc:
