@@ -40,9 +40,11 @@ def studies(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dcmqi_ct(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """The dcmqi CT series as a folder on the server (a volume read with GDCM's slice order)."""
-    folder = tmp_path_factory.mktemp("dcmqi_ct")
+def dcmqi_ct(studies: Path, data_dir: Path) -> Path:
+    """The dcmqi CT series as a folder inside the datastore (a volume read with GDCM's slice order); image paths
+    outside the datastore are refused."""
+    folder = studies / "dcmqi_ct"
+    folder.mkdir()
     for file in sorted((data_dir / "dicom_ct_seg").glob("0*.dcm")):
         shutil.copy(file, folder)
     return folder
