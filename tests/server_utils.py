@@ -38,6 +38,17 @@ class _Server:
 _SERVERS: dict[str, _Server] = {}
 
 
+def golden_conf(golden_dir: Path, model_dir: Path, **extra: object) -> dict[str, object]:
+    """``--conf`` of a server that serves the golden tiny SAM-Med2D (its config and weights), never downloading."""
+    conf = {
+        "model": golden_dir / "meta.json",
+        "checkpoint": golden_dir / "weights.pth",
+        "download": "false",
+        "model_dir": model_dir,
+    }
+    return {**conf, **extra}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

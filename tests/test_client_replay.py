@@ -23,7 +23,7 @@ from PIL import Image
 from lib.curation import iter_curated
 from lib.rest_annotator import infer_answer
 from tests.client_files import dcmqi_liver_mask, hc18_mask, write_slicer_label, write_slicer_rgb_volume
-from tests.server_utils import server_log, start_server, stop_server
+from tests.server_utils import golden_conf, server_log, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -48,12 +48,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, studies: Path, golden_dir: Path):
-    conf = {
-        "model": golden_dir / "meta.json",
-        "checkpoint": golden_dir / "weights.pth",
-        "download": "false",
-        "model_dir": tmp_path_factory.mktemp("model"),
-    }
+    conf = golden_conf(golden_dir, tmp_path_factory.mktemp("model"))
     url = start_server("apps/sam_med2d", studies, conf)
     yield url
     log = server_log(url)

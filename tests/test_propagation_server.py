@@ -19,7 +19,7 @@ from PIL import Image
 
 from lib.dicom_seg import read_seg, read_series
 from lib.propagation import STOP_REASONS
-from tests.server_utils import server_log, start_server, stop_server
+from tests.server_utils import golden_conf, server_log, start_server, stop_server
 from tests.test_app_server import infer, read_label_file
 
 pytestmark = pytest.mark.server
@@ -52,12 +52,7 @@ def dcmqi_ct(studies: Path, data_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, studies: Path, golden_dir: Path):
-    conf = {
-        "model": golden_dir / "meta.json",
-        "checkpoint": golden_dir / "weights.pth",
-        "download": "false",
-        "model_dir": tmp_path_factory.mktemp("model"),
-    }
+    conf = golden_conf(golden_dir, tmp_path_factory.mktemp("model"))
     url = start_server(APP, studies, conf)
     yield url
     log = server_log(url)

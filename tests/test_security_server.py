@@ -31,7 +31,7 @@ from lib.interactive import InteractiveSegmenter
 from lib.limits import Limits
 from lib.model_store import ModelStore
 from lib.prompt_inputs import parse_prompts
-from tests.server_utils import ROOT, server_log, server_pid, start_server, stop_server
+from tests.server_utils import ROOT, golden_conf, server_log, server_pid, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -49,14 +49,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, studies: Path, golden_dir: Path):
-    conf = {
-        "model": golden_dir / "meta.json",
-        "checkpoint": golden_dir / "weights.pth",
-        "download": "false",
-        "model_dir": tmp_path_factory.mktemp("model"),
-        "cors_origins": ALLOWED_ORIGIN,
-        "max_upload_mb": 8,
-    }
+    conf = golden_conf(golden_dir, tmp_path_factory.mktemp("model"), cors_origins=ALLOWED_ORIGIN, max_upload_mb=8)
     url = start_server("apps/sam_med2d", studies, conf, env={"SAM_MED2D_API_TOKEN": TOKEN})
     yield url
     log = server_log(url)
