@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 
 from lib.rest_annotator import RestAnnotator
-from tests.server_utils import server_log, start_server, stop_server
+from tests.server_utils import golden_conf, server_log, start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -47,16 +47,14 @@ def test_saved_labels_retrain_and_the_promoted_model_is_better_through_rest(tmp_
     masks = data_dir / "hc18" / "masks"
     labelled, held_out = images[:LABELS], images[LABELS:]
     cases = [(p.stem, _mask(masks / p.name)) for p in held_out]
-    conf = {
-        "model": golden_dir / "meta.json",
-        "checkpoint": golden_dir / "weights.pth",
-        "model_dir": tmp_path / "model",
-        "download": "false",
-        "device": "cpu",
-        "retrain_after_labels": LABELS,
-        "retrain_poll_seconds": 1,
-        "retrain_params": json.dumps(TRAIN, separators=(",", ":")),
-    }
+    conf = golden_conf(
+        golden_dir,
+        tmp_path / "model",
+        device="cpu",
+        retrain_after_labels=LABELS,
+        retrain_poll_seconds=1,
+        retrain_params=json.dumps(TRAIN, separators=(",", ":")),
+    )
     url = start_server("apps/sam_med2d", studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     try:
         annotator = RestAnnotator(url)

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.server_utils import server_log, start_server, stop_server
+from tests.server_utils import golden_conf, server_log, start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -26,17 +26,15 @@ def test_interval_trigger_queues_one_more_run_and_failures_leave_the_model(tmp_p
     for image in images:
         (studies / image.name).symlink_to(image)
     shutil.copy(data_dir / "hc18" / "masks" / images[0].name, studies / "labels" / "final" / images[0].name)
-    conf = {
-        "model": golden_dir / "meta.json",
-        "checkpoint": golden_dir / "weights.pth",
-        "model_dir": tmp_path / "model",
-        "download": "false",
-        "device": "cpu",
-        "retrain_interval_minutes": 0.05,
-        "retrain_schedule_without_new_labels": "true",
-        "retrain_poll_seconds": 1,
-        "retrain_params": json.dumps({"lr": "fast"}, separators=(",", ":")),
-    }
+    conf = golden_conf(
+        golden_dir,
+        tmp_path / "model",
+        device="cpu",
+        retrain_interval_minutes=0.05,
+        retrain_schedule_without_new_labels="true",
+        retrain_poll_seconds=1,
+        retrain_params=json.dumps({"lr": "fast"}, separators=(",", ":")),
+    )
     url = start_server("apps/sam_med2d", studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     try:
         deadline = time.monotonic() + 240

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from tests.server_utils import server_log, start_server, stop_server
+from tests.server_utils import golden_conf, server_log, start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -86,18 +86,16 @@ def server(tmp_path, data_dir, golden_dir):
         pytest.skip("needs 10 HC18 images in ../shared/data/hc18/images")
     for image in images:  # linked, not copied: the data stays in ../shared
         (studies / image.name).symlink_to(image)
-    conf = {
-        "model": golden_dir / "meta.json",
-        "checkpoint": golden_dir / "weights.pth",
-        "model_dir": tmp_path / "model",
-        "download": "false",
-        "device": "cpu",
-        "retrain_after_labels": LABELS_BEFORE_RETRAIN,
-        "retrain_poll_seconds": 1,
-        "retrain_params": json.dumps(TRAIN, separators=(",", ":")),  # the launcher splits on spaces
-        "uncertainty_refresh": "true",
-        "uncertainty_idle_seconds": 2,
-    }
+    conf = golden_conf(
+        golden_dir,
+        tmp_path / "model",
+        device="cpu",
+        retrain_after_labels=LABELS_BEFORE_RETRAIN,
+        retrain_poll_seconds=1,
+        retrain_params=json.dumps(TRAIN, separators=(",", ":")),  # the launcher splits on spaces
+        uncertainty_refresh="true",
+        uncertainty_idle_seconds=2,
+    )
     # MONAI Label's own scoring after every /activelearning call would queue one scoring process per label on top of
     # the training run (two CPUs here); the scheduler keeps the scores current by itself (uncertainty_refresh).
     env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
