@@ -1,6 +1,6 @@
-"""DICOM series for a PACS demo (and the tests) made from the project's shared real data.
+"""DICOM series for a PACS demo (and the tests) made from the real data in ``tests/fixtures/data``.
 
-The shared data has CT as DICOM already; MR and ultrasound come as NIfTI and PNG. This writes them as the DICOM a
+That data has CT as DICOM already; MR and ultrasound come as NIfTI and PNG. This writes them as the DICOM a
 scanner would send (MR Image Storage slices with their geometry; one Ultrasound Image Storage frame with its pixel
 size), so the DICOMweb path can be tried on all three modalities::
 
@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "data"
 
 
 def _base(sop_class: str, modality: str, source: str, patient_id: str, description: str) -> Dataset:
@@ -120,7 +120,7 @@ def hc18_pixel_size(name: str, data: Path = DATA) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True)
-    parser.add_argument("--data", default=str(DATA), help="the shared data folder")
+    parser.add_argument("--data", default=str(DATA), help="the real data folder (tests/fixtures/data, or ../shared/data)")
     args = parser.parse_args(argv)
     data, output = Path(args.data), Path(args.output)
     mr = volume_to_mr_series(data / "nifti" / "example_mr_sm.nii.gz", output / "mr")

@@ -5,7 +5,7 @@ server listens on 127.0.0.1 only, without authentication, with its database in a
 ``http://127.0.0.1:<port>/dicom-web``::
 
     python scripts/orthanc.py start --storage /tmp/orthanc            # port 8042, DICOM port off
-    python scripts/orthanc.py upload ../shared/data/dicom_ct_series ../shared/data/dicom_ct_seg/0*.dcm
+    python scripts/orthanc.py upload tests/fixtures/data/dicom_ct_series tests/fixtures/data/dicom_ct_seg/0*.dcm
     .venv/bin/monailabel start_server --app apps/sam_med2d --studies http://127.0.0.1:8042/dicom-web --host 127.0.0.1
     python scripts/orthanc.py stop --storage /tmp/orthanc
 

@@ -44,9 +44,10 @@ def hc18_mask(data_dir: Path, name: str) -> np.ndarray:
     return np.asarray(Image.open(data_dir / "hc18" / "masks" / name)) > 0
 
 
-def dcmqi_liver_mask(data_dir: Path, frame: str = "01.dcm") -> np.ndarray:
-    """The dcmqi liver label of one CT frame as (rows, columns) bool: the NRRD slice at the frame's position."""
-    labels, header = nrrd.read(str(data_dir / "dicom_ct_seg" / "liver_seg.nrrd"))  # (i, j, k)
+def dcmqi_liver_mask(data_dir: Path, frame: str = "01.dcm", organ: str = "liver") -> np.ndarray:
+    """The dcmqi label of ``organ`` (liver, spine, heart) on one CT frame as (rows, columns) bool: the NRRD slice at
+    the frame's position."""
+    labels, header = nrrd.read(str(data_dir / "dicom_ct_seg" / f"{organ}_seg.nrrd"))  # (i, j, k)
     z = float(pydicom.dcmread(data_dir / "dicom_ct_seg" / frame).ImagePositionPatient[2])
     k = round((z - float(header["space origin"][2])) / float(header["space directions"][2][2]))
     return labels[:, :, k].T > 0

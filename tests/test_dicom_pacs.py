@@ -50,7 +50,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def pacs(orthanc: Orthanc, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Upload the shared CT series, the 3-slice CT with its liver SEG, and MR/US series made from shared data;
+    """Upload the 20-slice CT series, the 3-slice CT with its liver SEG, and MR/US series made from the fixtures;
     returns SeriesInstanceUIDs by name."""
     demo = tmp_path_factory.mktemp("dicom_demo")
     mr_files = volume_to_mr_series(data_dir / "nifti" / "example_mr_sm.nii.gz", demo / "mr")

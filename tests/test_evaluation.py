@@ -2,31 +2,57 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
+from PIL import Image
 
 from lib import evaluation
 from lib.checkpoint import load_model
 from lib.decoding import decode_view, view_mask
 from lib.evaluation import EvalSample, evaluate_model, samples_from_layout
 from lib.prompts import interior_clicks
+from tests.client_files import dcmqi_liver_mask
 
 ROOT = Path(__file__).resolve().parents[1]
+ORGANS = ("liver", "spine", "heart")
 
 
-def test_two_runs_with_one_seed_agree(golden_dir: Path, data_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def layout_dataset(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dcmqi CT slices and their liver, spine and heart labels in the SAM-Med2D dataset layout (8-bit PNG images
+    in an abdominal window, one mask file per organ, ``label2image_test.json``)."""
+    root = tmp_path_factory.mktemp("layout")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    mask_to_image = {}
+    for frame in ("01.dcm", "02.dcm", "03.dcm"):
+        ds = pydicom.dcmread(data_dir / "dicom_ct_seg" / frame)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        image = f"images/ct_{frame[:2]}.png"
+        Image.fromarray((np.clip((hu + 160) / 400, 0, 1) * 255).astype(np.uint8)).save(root / image)
+        for organ in ORGANS:
+            mask = f"masks/ct_{frame[:2]}_{organ}.png"
+            Image.fromarray(dcmqi_liver_mask(data_dir, frame, organ).astype(np.uint8) * 255).save(root / mask)
+            mask_to_image[mask] = image
+    (root / "label2image_test.json").write_text(json.dumps(mask_to_image))
+    return root
+
+
+def test_two_runs_with_one_seed_agree(golden_dir: Path, layout_dataset: Path) -> None:
     model = load_model(golden_dir / "weights.pth", golden_dir / "meta.json")
-    samples = samples_from_layout(data_dir / "ct_demo", "test")
-    assert [len(s.masks) for s in samples] and sum(len(s.masks) for s in samples) == 11
+    samples = samples_from_layout(layout_dataset, "test")
+    assert [len(s.masks) for s in samples] == [3, 3, 3]
     first = evaluate_model(model, samples, (1, 3, 5), seed=5)
     again = evaluate_model(model, samples, (1, 3, 5), seed=5)
     assert first["per_mask"] == again["per_mask"]
-    assert list(first["dice"]) == ["box", "1 point", "3 points", "5 points"] and first["masks"] == 11
+    assert list(first["dice"]) == ["box", "1 point", "3 points", "5 points"] and first["masks"] == 9
     assert all(0.0 <= v <= 1.0 for v in first["dice"].values())
 
 
@@ -79,13 +105,13 @@ def test_interior_clicks_pick_the_larger_error_region() -> None:
     assert labels.tolist() == [[0]] and coords[0, 0, 0] >= 14
 
 
-def test_evaluation_command_prints_the_papers_table(golden_dir: Path, data_dir: Path) -> None:
+def test_evaluation_command_prints_the_papers_table(golden_dir: Path, layout_dataset: Path) -> None:
     command = [sys.executable, "-m", "lib.evaluation", "--checkpoint", golden_dir / "weights.pth"]
-    command += ["--config", golden_dir / "meta.json", "--data", data_dir / "ct_demo"]
+    command += ["--config", golden_dir / "meta.json", "--data", layout_dataset]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in header.split("|")[2:6]] == ["box", "1 point", "3 points", "5 points"]
-    assert "2 images, 11 masks" in result.stdout
+    assert "3 images, 9 masks" in result.stdout
     missing = subprocess.run([*command[:-1], str(golden_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "SAM-Med2D layout" in missing.stderr

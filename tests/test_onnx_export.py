@@ -17,11 +17,8 @@ from lib.export import main as export_main
 from lib.image_source import read_image
 from lib.interactive import InteractiveSegmenter
 from lib.model_store import ModelStore
+from lib.onnx_backend import OnnxDecoder, OnnxSamMed2D
 from lib.prompt_inputs import parse_prompts
-
-ort = pytest.importorskip("onnxruntime")
-
-from lib.onnx_backend import OnnxDecoder, OnnxSamMed2D  # noqa: E402
 
 ATOL = 1e-4
 

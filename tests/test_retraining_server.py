@@ -82,9 +82,7 @@ def server(tmp_path, data_dir, golden_dir):
     studies = tmp_path / "studies"
     studies.mkdir()
     images = sorted((data_dir / "hc18" / "images").glob("*_HC.png"))[:10]
-    if len(images) < 10:
-        pytest.skip("needs 10 HC18 images in ../shared/data/hc18/images")
-    for image in images:  # linked, not copied: the data stays in ../shared
+    for image in images:  # linked, not copied
         (studies / image.name).symlink_to(image)
     conf = golden_conf(
         golden_dir,
@@ -102,7 +100,7 @@ def server(tmp_path, data_dir, golden_dir):
     url = start_server(APP, studies, conf, env=env)
     if "sam_med2d" not in _info(url).get("trainers", {}):
         stop_server(url)
-        pytest.skip("the app registers no sam_med2d train task")
+        pytest.fail("the app registers no sam_med2d train task")
     urls = [url]
 
     def restart() -> str:
