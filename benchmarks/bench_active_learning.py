@@ -5,11 +5,11 @@ The loop is the server's, run in one process so that two strategies can be compa
 1. start from the served model (here the golden tiny network's seeded weights, or ``--checkpoint``) and the same
    ``--start`` randomly chosen labeled images for every strategy;
 2. each round the strategy picks ``--step`` more images to label from the unlabeled pool: ``uncertainty`` takes the
-   highest :class:`lib.uncertainty.UncertaintyScorer` scores under the model that serves now (what
+   highest :class:`lib.loop.uncertainty.UncertaintyScorer` scores under the model that serves now (what
    ``/activelearning/sam_uncertainty`` returns), ``random`` draws at random;
 3. retrain from the served model on the labeled images (:func:`lib.training.fit`, the trainer's recipe with small
    settings), a quarter of them held out for validation; promote the result only if its validation Dice (box prompt,
-   :func:`lib.evaluation.evaluate_model`) is not lower than the served model's on the same validation labels;
+   :func:`lib.training.evaluation.evaluate_model`) is not lower than the served model's on the same validation labels;
 4. measure the served model on ``--held-out`` images never labeled (box and 1/3 clicks) and go on.
 
 It prints a table and writes ``benchmarks/results/active_learning.{png,json}``. Run::
@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib.checkpoint import load_model  # noqa: E402
-from lib.evaluation import EvalSample, evaluate_model  # noqa: E402
-from lib.training import SamMed2DDataset, fit, read_image, read_mask, recipe  # noqa: E402
-from lib.uncertainty import UncertaintyConfig, UncertaintyScorer  # noqa: E402
+from lib.io.checkpoint import load_model  # noqa: E402
+from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer  # noqa: E402
+from lib.training.data import SamMed2DDataset, read_image, read_mask  # noqa: E402
+from lib.training.evaluation import EvalSample, evaluate_model  # noqa: E402
+from lib.training.loop import fit  # noqa: E402
+from lib.training.recipe import recipe  # noqa: E402
 
 SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))
 HC18 = SHARED / "data" / "hc18"

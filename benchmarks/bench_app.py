@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.server_utils import server_pid, start_server, stop_server  # noqa: E402
+from scripts.monailabel_server import server_pid, start_server, stop_server  # noqa: E402
 
 TARGETS = {"cold_2d": 1.0, "warm_2d_p50": 0.025, "rss_gb": 1.6}
 
@@ -58,7 +58,7 @@ def weights_gb(conf: dict) -> float:
     """Bytes (GB) of the served model's parameters and buffers, fp32, from its config."""
     import torch
 
-    from lib.build import build_model
+    from lib.modeling.build import build_model
 
     with torch.device("meta"):  # shapes only, no memory
         model = build_model(conf.get("model", "vit_b"))

@@ -8,7 +8,7 @@ Starts the real server (``monailabel start_server``) with the small SAM-Med2D of
 (encoder 192 wide, depth 6) from its seeded initialisation (no checkpoint) on a datastore of HC18 fetal-head
 ultrasound images (``../shared/data/hc18``, CC BY 4.0), split by subject into a pool whose expert masks the annotator
 saves and ``--held-out`` subjects that are never labelled. On the held-out images, a simulated annotator
-(:class:`lib.rest_annotator.RestAnnotator`) draws the box around the expert mask, then clicks 5 times (the most
+(:class:`lib.loop.rest_annotator.RestAnnotator`) draws the box around the expert mask, then clicks 5 times (the most
 interior pixel of the mask, then of the larger error region of the answer it got), with the server's default request
 parameters, and scores every answer with Dice. That is measured before any label, and after each retraining run.
 
@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_training import HC18, RESULTS, SMALL, hc18_split  # noqa: E402
-from lib.rest_annotator import RestAnnotator  # noqa: E402
-from tests.server_utils import server_log, start_server, stop_server  # noqa: E402
+from lib.loop.rest_annotator import RestAnnotator  # noqa: E402
+from scripts.monailabel_server import server_log, start_server, stop_server  # noqa: E402
 
 MODES = ("box", "1 point", "2 points", "3 points", "4 points", "5 points")
 

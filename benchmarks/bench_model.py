@@ -36,15 +36,15 @@ import numpy as np
 import torch
 
 from benchmarks import published_reference
-from lib.build import build_model
-from lib.checkpoint import load_model
-from lib.decoding import ServedDecoding, decode_rows
-from lib.embedding_cache import CachedEmbedding
-from lib.export import export_onnx
+from lib.io.checkpoint import load_model
 from lib.modeling import SamMed2D
-from lib.onnx_backend import OnnxSamMed2D
-from lib.predictor import Predictor
-from lib.reduced_precision import cpu_has_native, set_encoder_precision
+from lib.modeling.build import build_model
+from lib.modeling.reduced_precision import cpu_has_native, set_encoder_precision
+from lib.serving.decoding import ServedDecoding, decode_rows
+from lib.serving.embedding_cache import CachedEmbedding
+from lib.serving.export import export_onnx
+from lib.serving.onnx_backend import OnnxSamMed2D
+from lib.serving.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))

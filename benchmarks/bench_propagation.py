@@ -5,7 +5,7 @@ Run: ``.venv/bin/python -m benchmarks.bench_propagation [--epochs 12] [--vit-b-s
 Quality, through the real server (``monailabel start_server``), on nilearn's MNI152 T1 template (2 mm, 99 x 117 x 95,
 bundled with the nilearn wheel: no download) with its white matter probability map thresholded at 0.5 as the label:
 
-1. the axial slices of the T1, as the server shows them (:meth:`lib.image_source.ImageSource.view`), are saved as
+1. the axial slices of the T1, as the server shows them (:meth:`lib.io.image_source.ImageSource.view`), are saved as
    pictures in the datastore; every second slice outside a held-out slab of ``2 * --slab + 1`` slices around the
    middle of the white matter has its label saved through ``PUT /datastore/label``;
 2. ``POST /train/sam_med2d`` trains the golden_tiny network (64 wide, fast on CPU) from its seeded weights;
@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib.image_source import read_image  # noqa: E402
-from lib.interactive import InteractiveSegmenter  # noqa: E402
-from lib.model_store import ModelStore  # noqa: E402
-from lib.prompt_inputs import PropagationRequest, parse_prompts  # noqa: E402
-from lib.rest_annotator import RestAnnotator, infer_answer  # noqa: E402
-from tests.server_utils import server_log, start_server, stop_server  # noqa: E402
+from lib.io.image_source import read_image  # noqa: E402
+from lib.loop.rest_annotator import RestAnnotator, infer_answer  # noqa: E402
+from lib.serving.interactive import InteractiveSegmenter  # noqa: E402
+from lib.serving.model_store import ModelStore  # noqa: E402
+from lib.serving.prompt_inputs import PropagationRequest, parse_prompts  # noqa: E402
+from scripts.monailabel_server import server_log, start_server, stop_server  # noqa: E402
 
 GOLDEN = ROOT.parent / "shared" / "spec" / "golden_tiny"
 RESULTS = ROOT / "benchmarks" / "results"

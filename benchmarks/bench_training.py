@@ -7,7 +7,7 @@ Learning curve: HC18 (../shared/data/hc18, one image per subject) split by subje
 held-out images (seeded); the small model trained from scratch (seed 0, default init) for 5 epochs with the
 reference's settings (batch 2, 5 masks per image, Adam 1e-4, 2 threads), then fine-tuned from its last epoch with
 the app's ``continual`` recipe. After every epoch the held-out images are evaluated with the paper's protocol
-(:mod:`lib.evaluation`: box, 1, 3 and 5 clicks, seed 0). Prints tables; writes ``benchmarks/results/
+(:mod:`lib.training.evaluation`: box, 1, 3 and 5 clicks, seed 0). Prints tables; writes ``benchmarks/results/
 training_curve.png`` and ``training_curve.json``.
 
     .venv/bin/python -m benchmarks.bench_training                 # everything (about 15 min on 2 cores)
@@ -30,19 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib.build import build_model  # noqa: E402
-from lib.config import SamMed2DConfig  # noqa: E402
-from lib.evaluation import EvalSample, evaluate_model  # noqa: E402
-from lib.training import (  # noqa: E402
-    SamMed2DDataset,
-    SimulatedAnnotator,
-    configure_cpu_math,
-    fit,
-    make_optimizer,
-    read_image,
-    read_mask,
-    recipe,
-)
+from lib.modeling.build import build_model  # noqa: E402
+from lib.modeling.config import SamMed2DConfig  # noqa: E402
+from lib.training.data import SamMed2DDataset, read_image, read_mask  # noqa: E402
+from lib.training.evaluation import EvalSample, evaluate_model  # noqa: E402
+from lib.training.iteration import SimulatedAnnotator  # noqa: E402
+from lib.training.loop import fit  # noqa: E402
+from lib.training.recipe import configure_cpu_math, make_optimizer, recipe  # noqa: E402
 
 HC18 = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared")) / "data" / "hc18"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -142,8 +136,8 @@ def curve(
 ) -> dict:
     """Held-out Dice after every epoch of the small model trained from scratch by ``loop`` (``ours`` or
     ``published``), then (ours only) fine-tuned with the ``continual`` recipe. Both loops are scored by the same
-    evaluator (:func:`lib.evaluation.evaluate_model`, seed 0). ``rows_json`` is rewritten after every epoch, so a
-    run stopped early still leaves its epochs."""
+    evaluator (:func:`lib.training.evaluation.evaluate_model`, seed 0). ``rows_json`` is rewritten after every epoch, so
+    a run stopped early still leaves its epochs."""
     samples = evaluation_samples(test_pairs)
     torch.manual_seed(seed)
     model = build_model(SMALL).to(device)

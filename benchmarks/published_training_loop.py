@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks import published_reference
 from lib.modeling import SamMed2D
-from lib.training import prepare_image, read_image, read_mask
+from lib.training.data import prepare_image, read_image, read_mask
 
 
 def published_loss(pred: torch.Tensor, mask: torch.Tensor, pred_iou: torch.Tensor) -> torch.Tensor:

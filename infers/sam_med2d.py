@@ -6,11 +6,11 @@ BasicInferTask's:
 
 - pre transforms: :class:`LoadImageSourced` (the image, read once per content version: on a repeated click only an
   ``os.stat``), :class:`ReadPromptsd` (the request's prompts checked against the image).
-- inferer: :class:`lib.interactive.InteractiveSegmenter`, which encodes a view once and keeps the prompt-independent
-  decoder inputs with the embedding, so a click costs one decoder pass.
+- inferer: :class:`lib.serving.interactive.InteractiveSegmenter`, which encodes a view once and keeps the
+  prompt-independent decoder inputs with the embedding, so a click costs one decoder pass.
 - post transforms: :class:`KeepLargestComponentd` (when ``largest_cc``), :class:`PlaceMaskd` (the mask in the input's
   geometry: the 2D image, or the whole volume with the clicked slice filled, or with ``propagate`` every slice of the
-  client's label, see :mod:`lib.propagation`).
+  client's label, see :mod:`lib.serving.propagation`).
 - writer: the label file in the extension and dtype the request names, plus the JSON result.
 
 The request schema is in ``docs/prompts.md``.
@@ -28,13 +28,13 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.decoding import ServedDecoding
-from lib.image_source import ImageReadError, picture_affine
-from lib.interactive import InteractiveSegmenter, Segmentation
-from lib.limits import Limits
-from lib.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts, parse_propagation
-from lib.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
-from lib.volume_io import write_label, write_slice_label_nrrd
+from lib.guard.limits import Limits
+from lib.io.image_source import ImageReadError, picture_affine
+from lib.io.volume_io import write_label, write_slice_label_nrrd
+from lib.serving.decoding import ServedDecoding
+from lib.serving.interactive import InteractiveSegmenter, Segmentation
+from lib.serving.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts, parse_propagation
+from lib.serving.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".seg.nrrd")
 
 
 class LoadImageSourced:
-    """``data["image"]`` (a path) -> ``data["image_source"]`` (:class:`lib.image_source.ImageSource`), reused while
+    """``data["image"]`` (a path) -> ``data["image_source"]`` (:class:`lib.io.image_source.ImageSource`), reused while
     the file's size and mtime are unchanged."""
 
     def __init__(self, segmenter: Callable[[], InteractiveSegmenter], key: str = "image") -> None:
@@ -69,9 +69,9 @@ class LoadImageSourced:
 
 
 class ReadPromptsd:
-    """The request's prompts -> ``data["prompts"]`` (:class:`lib.prompt_inputs.ViewPrompts`) in view pixels, and its
-    result options -> ``data["result_format"]``: both checked, with the request's bounds, before any model work.
-    ``multimask_output`` defaults to the server's decoding rule (:class:`lib.decoding.ServedDecoding`)."""
+    """The request's prompts -> ``data["prompts"]`` (:class:`lib.serving.prompt_inputs.ViewPrompts`) in view pixels, and
+    its result options -> ``data["result_format"]``: both checked, with the request's bounds, before any model work.
+    ``multimask_output`` defaults to the server's decoding rule (:class:`lib.serving.decoding.ServedDecoding`)."""
 
     def __init__(self, decoding: Callable[[], ServedDecoding], limits: Limits) -> None:
         self.decoding = decoding

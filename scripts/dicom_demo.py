@@ -120,7 +120,7 @@ def hc18_pixel_size(name: str, data: Path = DATA) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True)
-    parser.add_argument("--data", default=str(DATA), help="the real data folder (tests/fixtures/data, or ../shared/data)")
+    parser.add_argument("--data", default=str(DATA), help="real data folder (tests/fixtures/data)")
     args = parser.parse_args(argv)
     data, output = Path(args.data), Path(args.output)
     mr = volume_to_mr_series(data / "nifti" / "example_mr_sm.nii.gz", output / "mr")

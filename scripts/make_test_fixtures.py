@@ -32,6 +32,7 @@ HC18_SUBJECTS = 56  # the loop test's 40 labels and 16 held-out subjects
 HC18_FULL_SIZE = ("002_HC.png", "004_HC.png")
 GOLDEN_COPIED = ("meta.json", "weights.pth", "cases.npz", "cases_evaluation.npz", "sam_original_1024.pth")
 CONVERTED_CHANGES = "sam_original_converted_256_changed.pth"
+STATE_DICT_SHAPES = "sam_med2d_vit_b_256_state_dict.json"
 
 
 def write_golden(shared: Path, out: Path) -> None:
@@ -49,7 +50,7 @@ def write_golden(shared: Path, out: Path) -> None:
     torch.save(changed, out / CONVERTED_CHANGES)
     spec = out.parent / "spec"
     spec.mkdir(exist_ok=True)
-    shutil.copyfile(shared / "spec" / "sam_med2d_vit_b_256_state_dict.json", spec / "sam_med2d_vit_b_256_state_dict.json")
+    shutil.copyfile(shared / "spec" / STATE_DICT_SHAPES, spec / STATE_DICT_SHAPES)
 
 
 def write_hc18(shared: Path, out: Path) -> None:

@@ -36,3 +36,14 @@ def spec_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+def golden_conf(golden_dir: Path, model_dir: Path, **extra: object) -> dict[str, object]:
+    """``--conf`` of a server that serves the golden tiny SAM-Med2D (its config and weights), never downloading."""
+    conf = {
+        "model": golden_dir / "meta.json",
+        "checkpoint": golden_dir / "weights.pth",
+        "download": "false",
+        "model_dir": model_dir,
+    }
+    return {**conf, **extra}

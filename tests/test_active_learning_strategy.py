@@ -1,5 +1,5 @@
-"""The uncertainty scoring task and strategy (trainers.active_learning) on a real MONAI Label datastore of HC18 images,
-served by the golden tiny model through the ModelStore."""
+"""The uncertainty scoring task and strategy (apps.sam_med2d.activelearning) on a real MONAI Label datastore of HC18
+images, served by the golden tiny model through the ModelStore."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from monailabel.datastore.local import LocalDatastore
 from PIL import Image
 
-from lib.model_store import ModelStore
-from trainers.active_learning import SCORES_FILE, SamUncertaintyScoring, SamUncertaintyStrategy, scores_missing
+from apps.sam_med2d.activelearning import SCORES_FILE, SamUncertaintyScoring, SamUncertaintyStrategy, scores_missing
+from lib.serving.model_store import ModelStore
 
 
 @pytest.fixture()

@@ -12,13 +12,13 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 from PIL import Image
 
-from lib.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
-from lib.embedding_cache import CachedEmbedding
-from lib.image_source import ImageReadError, read_image, to_uint8
-from lib.interactive import InteractiveSegmenter
-from lib.model_store import ModelStore
-from lib.prompt_inputs import InvalidRequestError, parse_prompts
-from lib.volume_io import read_nrrd, write_label, write_slice_label_nrrd
+from lib.io.image_source import ImageReadError, read_image, to_uint8
+from lib.io.volume_io import read_nrrd, write_label, write_slice_label_nrrd
+from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
+from lib.serving.embedding_cache import CachedEmbedding
+from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.model_store import ModelStore
+from lib.serving.prompt_inputs import InvalidRequestError, parse_prompts
 
 
 def test_slicer_roi_pairs_in_any_order_and_slice_from_roi() -> None:
@@ -186,7 +186,7 @@ def test_download_checks_the_file_before_keeping_it(golden_dir: Path, tmp_path: 
     import http.server
     import threading
 
-    from lib.published_weights import PUBLISHED_FILE, DownloadError, download_published_weights, find_local_weights
+    from lib.io.published_weights import PUBLISHED_FILE, DownloadError, download_published_weights, find_local_weights
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(golden_dir))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -20,13 +20,13 @@ from monailabel.client import MONAILabelClient
 from PIL import Image
 
 from apps.sam_med2d.demo import build_demo_datastore
-from lib.decoding import ServedDecoding
-from lib.image_source import read_image
-from lib.interactive import InteractiveSegmenter
-from lib.model_store import ModelStore
-from lib.prompt_inputs import parse_prompts
-from lib.rest_annotator import infer_answer
-from tests.server_utils import server_log, start_server, stop_server
+from lib.io.image_source import read_image
+from lib.loop.rest_annotator import infer_answer
+from lib.serving.decoding import ServedDecoding
+from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.model_store import ModelStore
+from lib.serving.prompt_inputs import parse_prompts
+from scripts.monailabel_server import server_log, start_server, stop_server
 
 pytestmark = pytest.mark.server
 

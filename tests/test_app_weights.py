@@ -2,7 +2,7 @@
 
 The server starts with no checkpoint and a download that cannot succeed (a closed local port stands in for "no
 network"), serves seeded random weights with a loud warning, and switches to weights published through
-:class:`lib.model_store.ModelStore` (as the trainer does) on the next request, without a restart.
+:class:`lib.serving.model_store.ModelStore` (as the trainer does) on the next request, without a restart.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 import requests
 from PIL import Image
 
-from lib.checkpoint import read_state_dict
-from lib.image_source import read_image
-from lib.interactive import InteractiveSegmenter
-from lib.model_store import ModelStore
-from lib.prompt_inputs import parse_prompts
-from tests.server_utils import free_port, server_log, start_server, stop_server
+from lib.io.checkpoint import read_state_dict
+from lib.io.image_source import read_image
+from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.model_store import ModelStore
+from lib.serving.prompt_inputs import parse_prompts
+from scripts.monailabel_server import free_port, server_log, start_server, stop_server
 from tests.test_app_server import infer, read_png
 
 pytestmark = pytest.mark.server

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.build import build_model
-from lib.checkpoint import CheckpointError, load_model, read_state_dict
+from lib.io.checkpoint import CheckpointError, load_model, read_state_dict
+from lib.modeling.build import build_model
 from tests.conftest import ROOT
 
 
@@ -81,7 +81,7 @@ def test_convert_command_round_trip(tmp_path, train_script_checkpoint, golden_di
     target = tmp_path / f"converted{suffix}"
     config = golden_dir / "meta.json"
     result = subprocess.run(
-        [sys.executable, "-m", "lib.checkpoint", "convert", str(train_script_checkpoint),
+        [sys.executable, "-m", "lib.io.checkpoint", "convert", str(train_script_checkpoint),
          str(target), "--config", str(config)],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip

@@ -20,10 +20,11 @@ import SimpleITK as sitk  # noqa: N813
 import skimage.data
 from PIL import Image
 
-from lib.curation import iter_curated
-from lib.rest_annotator import infer_answer
+from lib.loop.rest_annotator import infer_answer
+from lib.training.curation import iter_curated
+from scripts.monailabel_server import server_log, start_server, stop_server
 from tests.client_files import dcmqi_liver_mask, hc18_mask, write_slicer_label, write_slicer_rgb_volume
-from tests.server_utils import golden_conf, server_log, start_server, stop_server
+from tests.conftest import golden_conf
 
 pytestmark = pytest.mark.server
 

@@ -14,14 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.build import build_model
-from lib.checkpoint import load_model
-from lib.decoding import ServedDecoding
-from lib.interactive import InteractiveSegmenter
-from lib.model_store import ModelStore
-from lib.predictor import Predictor
-from lib.prompt_inputs import parse_prompts
-from lib.training import SimulatedAnnotator, make_optimizer, parameter_groups, recipe
+from lib.io.checkpoint import load_model
+from lib.modeling.build import build_model
+from lib.serving.decoding import ServedDecoding
+from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.model_store import ModelStore
+from lib.serving.predictor import Predictor
+from lib.serving.prompt_inputs import parse_prompts
+from lib.training.iteration import SimulatedAnnotator
+from lib.training.recipe import make_optimizer, parameter_groups, recipe
 from tests.test_training_step import _batch
 
 pytestmark = pytest.mark.skipif(

@@ -11,9 +11,9 @@ import nibabel
 import numpy as np
 from PIL import Image
 
-from lib.curation import MIN_MASK_FRACTION, component_masks, curate_case, read_array
-from lib.evaluation import samples_from_layout
-from lib.training import SamMed2DDataset, read_layout
+from lib.training.curation import MIN_MASK_FRACTION, component_masks, curate_case, read_array
+from lib.training.data import SamMed2DDataset, read_layout
+from lib.training.evaluation import samples_from_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_curation_command_writes_the_sam_med2d_layout(tmp_path: Path, data_dir: 
     Image.open(hc / "masks" / "002_HC.png").save(labels / "us_002.png")
     out = tmp_path / "dataset"
     result = subprocess.run(
-        [sys.executable, "-m", "lib.curation", "--images", images, "--labels", labels, "--output", out],
+        [sys.executable, "-m", "lib.training.curation", "--images", images, "--labels", labels, "--output", out],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -87,7 +87,7 @@ def test_curation_command_writes_the_sam_med2d_layout(tmp_path: Path, data_dir: 
     assert item["image"].shape == (3, 256, 256) and item["label"].shape == (5, 256, 256)
     assert samples_from_layout(out, "test")[0].masks.dtype == bool
     bad = subprocess.run(
-        [sys.executable, "-m", "lib.curation", "--images", images, "--labels", tmp_path, "--output", out],
+        [sys.executable, "-m", "lib.training.curation", "--images", images, "--labels", tmp_path, "--output", out],
         cwd=ROOT,
         capture_output=True,
         text=True,

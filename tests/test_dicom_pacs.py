@@ -21,14 +21,14 @@ import pytest
 import requests
 import SimpleITK
 
+from apps.sam_med2d.activelearning import SamUncertaintyScoring
 from apps.sam_med2d.dicomweb import init_dicomweb_datastore
-from lib.dicom_seg import read_seg, read_series, volume_label_samples
-from lib.model_store import ModelStore
-from lib.training import prepare_image
+from lib.io.dicom_seg import read_seg, read_series, volume_label_samples
+from lib.serving.model_store import ModelStore
+from lib.training.data import prepare_image
 from scripts.dicom_demo import hc18_pixel_size, picture_to_us_frame, volume_to_mr_series
+from scripts.monailabel_server import free_port, server_log, start_server, stop_server
 from scripts.orthanc import Orthanc, OrthancError, missing_requirements
-from tests.server_utils import free_port, server_log, start_server, stop_server
-from trainers.active_learning import SamUncertaintyScoring
 
 pytestmark = [
     pytest.mark.server,

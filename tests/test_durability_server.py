@@ -18,15 +18,15 @@ import requests
 import torch
 from PIL import Image
 
-from lib.build import build_model
-from tests.server_utils import ROOT, server_log, start_server, stop_server
+from lib.modeling.build import build_model
+from scripts.monailabel_server import ROOT, server_log, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
 PUBLISHER = """
 import sys, torch
-from lib.build import build_model
-from lib.model_store import ModelStore
+from lib.modeling.build import build_model
+from lib.serving.model_store import ModelStore
 golden = sys.argv[2]
 store = ModelStore(sys.argv[1], golden + "/meta.json", base_checkpoint=golden + "/weights.pth")
 seed = 100

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import evaluation
-from lib.checkpoint import load_model
-from lib.decoding import decode_view, view_mask
-from lib.evaluation import EvalSample, evaluate_model, samples_from_layout
-from lib.prompts import interior_clicks
+from lib.io.checkpoint import load_model
+from lib.serving.decoding import decode_view, view_mask
+from lib.training import evaluation
+from lib.training.evaluation import EvalSample, evaluate_model, samples_from_layout
+from lib.training.prompts import interior_clicks
 from tests.client_files import dcmqi_liver_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_interior_clicks_pick_the_larger_error_region() -> None:
 
 
 def test_evaluation_command_prints_the_papers_table(golden_dir: Path, layout_dataset: Path) -> None:
-    command = [sys.executable, "-m", "lib.evaluation", "--checkpoint", golden_dir / "weights.pth"]
+    command = [sys.executable, "-m", "lib.training.evaluation", "--checkpoint", golden_dir / "weights.pth"]
     command += ["--config", golden_dir / "meta.json", "--data", layout_dataset]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

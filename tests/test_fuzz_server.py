@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.server_utils import server_log, start_server, stop_server
+from scripts.monailabel_server import server_log, start_server, stop_server
 
 pytestmark = pytest.mark.server
 

@@ -2,10 +2,11 @@
 promotes gives better masks through REST with default request parameters, on held-out images.
 
 The served network is the golden tiny SAM-Med2D (its weights, the base checkpoint, give held-out box Dice about 0.2 on
-HC18). The annotator (:class:`lib.rest_annotator.RestAnnotator`) saves HC18 expert masks with ``PUT /datastore/label``
-and, on held-out subjects, draws the box around the expert mask, then clicks (most interior pixel of the mask, then of
-the larger error region), reading the masks the server answers. Before the server decoded every prompt with the
-three-candidate output the recipe trains, a promoted model answered boxes and corrections with the untrained output 0.
+HC18). The annotator (:class:`lib.loop.rest_annotator.RestAnnotator`) saves HC18 expert masks with ``PUT
+/datastore/label`` and, on held-out subjects, draws the box around the expert mask, then clicks (most interior pixel of
+the mask, then of the larger error region), reading the masks the server answers. Before the server decoded every prompt
+with the three-candidate output the recipe trains, a promoted model answered boxes and corrections with the untrained
+output 0.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import pytest
 import requests
 from PIL import Image
 
-from lib.rest_annotator import RestAnnotator
-from tests.server_utils import golden_conf, server_log, start_server, stop_server
+from lib.loop.rest_annotator import RestAnnotator
+from scripts.monailabel_server import server_log, start_server, stop_server
+from tests.conftest import golden_conf
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

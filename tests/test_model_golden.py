@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.checkpoint import load_model
-from lib.predictor import Predictor
+from lib.io.checkpoint import load_model
+from lib.serving.predictor import Predictor
 
 LOGIT_ATOL = 1e-4
 FEATURE_RTOL = 1e-3
@@ -116,7 +116,7 @@ def test_adapters_switch_off_at_run_time(golden_dir, golden_config, cases):
         # Turning the branch off equals a model built without adapters loaded with the same other weights.
         config = dict(golden_config, encoder_adapter=False)
         state = {k: v for k, v in with_adapters.state_dict().items() if ".Adapter." not in k}
-        from lib.build import build_model
+        from lib.modeling.build import build_model
 
         plain = build_model(config).eval()
         plain.load_state_dict(state)

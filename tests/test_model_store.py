@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.build import build_model
-from lib.model_store import ModelStore, TrainingInProgressError
+from lib.modeling.build import build_model
+from lib.serving.model_store import ModelStore, TrainingInProgressError
 
 
 def _state(golden_config: dict, seed: int) -> dict[str, torch.Tensor]:

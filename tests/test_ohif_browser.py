@@ -27,8 +27,8 @@ import pydicom
 import pytest
 
 from apps.sam_med2d.dicomweb import init_dicomweb_datastore
+from scripts.monailabel_server import free_port, server_log, start_server, stop_server
 from scripts.orthanc import Orthanc, missing_requirements
-from tests.server_utils import free_port, server_log, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"

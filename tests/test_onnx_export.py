@@ -1,4 +1,4 @@
-"""``python -m lib.export onnx`` writes files that ONNX Runtime runs to the torch model's outputs (golden tiny
+"""``python -m lib.serving.export onnx`` writes files that ONNX Runtime runs to the torch model's outputs (golden tiny
 weights)."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.checkpoint import load_model
-from lib.decoding import ServedDecoding, decode_rows
-from lib.embedding_cache import CachedEmbedding
-from lib.export import main as export_main
-from lib.image_source import read_image
-from lib.interactive import InteractiveSegmenter
-from lib.model_store import ModelStore
-from lib.onnx_backend import OnnxDecoder, OnnxSamMed2D
-from lib.prompt_inputs import parse_prompts
+from lib.io.checkpoint import load_model
+from lib.io.image_source import read_image
+from lib.serving.decoding import ServedDecoding, decode_rows
+from lib.serving.embedding_cache import CachedEmbedding
+from lib.serving.export import main as export_main
+from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.model_store import ModelStore
+from lib.serving.onnx_backend import OnnxDecoder, OnnxSamMed2D
+from lib.serving.prompt_inputs import parse_prompts
 
 ATOL = 1e-4
 
@@ -98,8 +98,8 @@ def test_decoder_matches_torch_for_every_output(model, runtime, prompt, with_mas
 
 @pytest.mark.parametrize("multimask", [True, False])
 def test_served_decoding_through_onnxruntime_keeps_the_same_mask(model, multimask):
-    """``--conf backend onnxruntime``: lib.decoding's rule (kept output, previous mask as the next prompt) on the
-    ONNX decoder gives the torch decoder's logits."""
+    """``--conf backend onnxruntime``: lib.serving.decoding's rule (kept output, previous mask as the next prompt) on
+    the ONNX decoder gives the torch decoder's logits."""
     torch.manual_seed(2)
     with torch.no_grad():
         features = model.encode(torch.randn(1, 3, 256, 256))

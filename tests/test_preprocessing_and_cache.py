@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
-from lib.preprocessing import frame_geometry, preprocess_image
+from lib.serving.embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
+from lib.serving.preprocessing import frame_geometry, preprocess_image
 
 
 def test_small_image_is_padded_only_under_the_evaluation_policy():

@@ -17,9 +17,10 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 from PIL import Image
 
-from lib.dicom_seg import read_seg, read_series
-from lib.propagation import STOP_REASONS
-from tests.server_utils import golden_conf, server_log, start_server, stop_server
+from lib.io.dicom_seg import read_seg, read_series
+from lib.serving.propagation import STOP_REASONS
+from scripts.monailabel_server import server_log, start_server, stop_server
+from tests.conftest import golden_conf
 from tests.test_app_server import infer, read_label_file
 
 pytestmark = pytest.mark.server

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from benchmarks import published_reference
-from lib.build import build_model
-from lib.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
-from lib.embedding_cache import CachedEmbedding
+from lib.modeling.build import build_model
+from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
+from lib.serving.embedding_cache import CachedEmbedding
 
 CONFIG = dict(
     image_size=320,

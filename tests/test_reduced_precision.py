@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from benchmarks.bench_model import golden_dice_change
-from lib.checkpoint import load_model
-from lib.image_source import read_image
-from lib.interactive import InteractiveSegmenter
-from lib.model_store import ModelStore
-from lib.prompt_inputs import parse_prompts
-from lib.reduced_precision import set_encoder_precision
+from lib.io.checkpoint import load_model
+from lib.io.image_source import read_image
+from lib.modeling.reduced_precision import set_encoder_precision
+from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.model_store import ModelStore
+from lib.serving.prompt_inputs import parse_prompts
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])

@@ -10,8 +10,8 @@ import pytest
 from monailabel.datastore.local import LocalDatastore
 from PIL import Image
 
-from lib.retraining import RetrainingController, RetrainPolicy
-from trainers.retraining import final_label_stamps
+from apps.sam_med2d.retraining_scheduler import final_label_stamps
+from lib.loop.retraining import RetrainingController, RetrainPolicy
 
 
 @pytest.fixture()

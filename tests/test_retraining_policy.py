@@ -1,4 +1,4 @@
-"""The retraining trigger policy and its persistent state (lib.retraining), with a clock the test moves."""
+"""The retraining trigger policy and its persistent state (lib.loop.retraining), with a clock the test moves."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lib.retraining import (
+from lib.loop.retraining import (
     INTERRUPTED,
     NOT_PROMOTED,
     PROMOTED,

@@ -1,4 +1,4 @@
-"""The documented rollback command (python -m lib.model_store_cli) on a real model folder."""
+"""The documented rollback command (python -m lib.serving.model_store_cli) on a real model folder."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from lib.build import build_model
-from lib.checkpoint import read_state_dict
-from lib.model_store import ModelStore
-from lib.model_store_cli import main
+from lib.io.checkpoint import read_state_dict
+from lib.modeling.build import build_model
+from lib.serving.model_store import ModelStore
+from lib.serving.model_store_cli import main
 from tests.conftest import ROOT
 
 
@@ -36,7 +36,7 @@ def test_list_active_and_rollback(tmp_path, golden_config, capsys):
 
     # the command exactly as documented, in its own process
     done = subprocess.run(
-        [sys.executable, "-m", "lib.model_store_cli", "--model-dir", str(tmp_path), "rollback", first],
+        [sys.executable, "-m", "lib.serving.model_store_cli", "--model-dir", str(tmp_path), "rollback", first],
         cwd=ROOT,
         capture_output=True,
         text=True,

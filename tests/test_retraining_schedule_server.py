@@ -14,7 +14,8 @@ import time
 import pytest
 import requests
 
-from tests.server_utils import golden_conf, server_log, start_server, stop_server
+from scripts.monailabel_server import server_log, start_server, stop_server
+from tests.conftest import golden_conf
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

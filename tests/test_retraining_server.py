@@ -15,8 +15,10 @@ import time
 
 import pytest
 import requests
+from PIL import Image
 
-from tests.server_utils import golden_conf, server_log, start_server, stop_server
+from scripts.monailabel_server import server_log, start_server, stop_server
+from tests.conftest import golden_conf
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -165,9 +167,11 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
 
     # clicks are answered while the run trains, by the model that served before
     probe = sorted(set(ids) - set(saved))[0]
+    with Image.open(studies / f"{probe}.png") as picture:
+        centre = (picture.width // 2, picture.height // 2)
     versions_during_training = []
     while _info(url)["retraining"]["running"]:
-        result = _click(url, probe, (400, 270))
+        result = _click(url, probe, centre)
         if _train_status(url).get("status") == "RUNNING":
             versions_during_training.append(result["model_version"])
         time.sleep(3)
@@ -182,7 +186,7 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
     assert info["sam_med2d"]["model_version"] == version
     assert first["metrics"]["best_val_dice"] >= first["metrics"]["baseline_val_dice"]
     assert [v["version"] for v in info["retraining"]["versions"]] == [version]
-    assert _click(url, probe, (400, 270))["model_version"] == version
+    assert _click(url, probe, centre)["model_version"] == version
     assert set(versions_during_training) <= {"base", version}  # the new version serves from its publication on
 
     # a diverging run (manual /train with a huge learning rate) finishes but is not promoted
@@ -201,7 +205,7 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
     assert worse["trigger"] == "manual" and worse["status"] == "not_promoted", worse
     assert "Dice would drop" in worse["message"]
     assert info["retraining"]["active_version"] == version
-    assert _click(url, probe, (400, 270))["model_version"] == version
+    assert _click(url, probe, centre)["model_version"] == version
 
     log = server_log(url)
     assert "Retraining: run 1 started (labels:" in log
@@ -217,7 +221,7 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
     info = _info(url)["retraining"]
     assert [h["status"] for h in info["history"]] == ["promoted", "not_promoted"]
     assert info["active_version"] == version and info["running"] is None and info["queued"] is None
-    assert _click(url, probe, (400, 270))["model_version"] == version
+    assert _click(url, probe, centre)["model_version"] == version
 
     # MONAI Label's built-in strategies are served beside sam_uncertainty
     unlabeled = sorted(set(ids) - set(saved))

@@ -26,12 +26,13 @@ import pytest
 import requests
 from PIL import Image
 
-from lib.image_source import read_image
-from lib.interactive import InteractiveSegmenter
-from lib.limits import Limits
-from lib.model_store import ModelStore
-from lib.prompt_inputs import parse_prompts
-from tests.server_utils import ROOT, golden_conf, server_log, server_pid, start_server, stop_server
+from lib.guard.limits import Limits
+from lib.io.image_source import read_image
+from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.model_store import ModelStore
+from lib.serving.prompt_inputs import parse_prompts
+from scripts.monailabel_server import ROOT, server_log, server_pid, start_server, stop_server
+from tests.conftest import golden_conf
 
 pytestmark = pytest.mark.server
 

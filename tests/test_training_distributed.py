@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lib.build import build_model
-from lib.training import SamMed2DDataset, fit, recipe
+from lib.modeling.build import build_model
+from lib.training.data import SamMed2DDataset
+from lib.training.loop import fit
+from lib.training.recipe import recipe
 
 pytestmark = pytest.mark.slow
 
@@ -82,10 +84,10 @@ def test_torchrun_runs_the_recipe_on_two_cpu_processes(tmp_path: Path, data_dir:
         (labels / image.name).symlink_to(masks[0])
     root = Path(__file__).resolve().parents[1]
     data, out = tmp_path / "dataset", tmp_path / "run"
-    curate = [sys.executable, "-m", "lib.curation", "--images", images, "--labels", labels, "--output", data]
+    curate = [sys.executable, "-m", "lib.training.curation", "--images", images, "--labels", labels, "--output", data]
     assert subprocess.run(curate, cwd=root, capture_output=True, timeout=120).returncode == 0
     torchrun = Path(sys.executable).parent / "torchrun"
-    command = [torchrun, "--nproc_per_node", "2", "-m", "trainers.run_recipe", "--config", "sam_med2d_paper"]
+    command = [torchrun, "--nproc_per_node", "2", "-m", "lib.training.run_recipe", "--config", "sam_med2d_paper"]
     command += ["--data", data, "--checkpoint", golden_dir / "weights.pth", "--model-config", golden_dir / "meta.json"]
     command += ["--set", "epochs=1", "--set", "batch_size=1", "--set", "decoder_iterations=1", "--output", out]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)

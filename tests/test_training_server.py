@@ -11,11 +11,11 @@ import pytest
 import requests
 import torch
 
-from lib.curation import iter_curated
-from lib.image_source import read_image
-from lib.model_store import ModelStore
+from lib.io.image_source import read_image
+from lib.serving.model_store import ModelStore
+from lib.training.curation import iter_curated
+from scripts.monailabel_server import free_port, running_server, server_log
 from tests.client_files import dcmqi_liver_mask, hc18_mask, write_slicer_label
-from tests.server_utils import free_port, running_server, server_log
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from benchmarks.published_training_loop import published_loss
-from lib.build import build_model
-from lib.losses import FocalDiceIoULoss
-from lib.training import SimulatedAnnotator, make_optimizer, parameter_groups, recipe
+from lib.modeling.build import build_model
+from lib.training.iteration import SimulatedAnnotator
+from lib.training.losses import FocalDiceIoULoss
+from lib.training.recipe import make_optimizer, parameter_groups, recipe
 
 
 def _batch(b: int = 2, k: int = 3, s: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

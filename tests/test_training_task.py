@@ -11,8 +11,8 @@ import torch
 from ignite.engine import Events
 from monailabel.datastore.local import LocalDatastore
 
-from lib.build import build_model
-from lib.model_store import ModelStore
+from lib.modeling.build import build_model
+from lib.serving.model_store import ModelStore
 from trainers.sam_med2d_train import SamMed2DTrain
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The SAM-Med2D uncertainty score (lib.uncertainty) on the golden tiny model and real HC18 images."""
+"""The SAM-Med2D uncertainty score (lib.loop.uncertainty) on the golden tiny model and real HC18 images."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.checkpoint import load_model
-from lib.embedding_cache import EmbeddingCache
-from lib.training import read_image
-from lib.uncertainty import UncertaintyConfig, UncertaintyScorer, mask_disagreement
+from lib.io.checkpoint import load_model
+from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer, mask_disagreement
+from lib.serving.embedding_cache import EmbeddingCache
+from lib.training.data import read_image
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,17 @@ A MONAI Label :class:`BasicTrainTask` whose ignite iteration is the paper's simu
 (:class:`lib.training.SimulatedAnnotator`: first prompt box or point, then 8 decoder-only steps with error-region
 clicks). One run:
 
-1. curates the datastore's final labels like the paper (:mod:`lib.curation`: volumes cut into slices, one mask per
-   class and connected component, small masks dropped) into the run's cache folder, and splits them by image into
+1. curates the datastore's final labels like the paper (:mod:`lib.training.curation`: volumes cut into slices, one mask
+   per class and connected component, small masks dropped) into the run's cache folder, and splits them by image into
    training and held-out validation labels (``val_split``);
-2. starts from the served model (:class:`lib.model_store.ModelStore`) or, for the paper's recipe, a checkpoint;
+2. starts from the served model (:class:`lib.serving.model_store.ModelStore`) or, for the paper's recipe, a checkpoint;
 3. validates the model that serves now, the starting weights (when they differ) and every epoch's weights on the
-   held-out labels, decoded exactly as the server decodes (:class:`lib.decoding.ServedDecoding` and
-   :func:`lib.decoding.decode_view`, the function a click runs; :mod:`lib.evaluation`: box, then 1, 3, 5 clicks of the
-   deterministic interior-point annotator with the previous mask), writes everything to ``train_stats.json``;
-4. at the very end, publishes the best epoch through ``ModelStore.publish`` (a plain state dict, written
-   atomically, kept with its metrics) only if its mean validation Dice is not lower than that of the model serving
-   at that moment (re-validated when another version started serving during the run, e.g. after a rollback).
+   held-out labels, decoded exactly as the server decodes (:class:`lib.serving.decoding.ServedDecoding` and
+   :func:`lib.serving.decoding.decode_view`, the function a click runs; :mod:`lib.training.evaluation`: box, then 1, 3,
+   5 clicks of the deterministic interior-point annotator with the previous mask), writes everything to
+``train_stats.json``; 4. at the very end, publishes the best epoch through ``ModelStore.publish`` (a plain state dict,
+   written atomically, kept with its metrics) only if its mean validation Dice is not lower than that of the model
+   serving at that moment (re-validated when another version started serving during the run, e.g. after a rollback).
    A run that fails or is stopped publishes nothing, so the served model stays as it was.
 
 Request / config keys (all optional; values may be strings): ``recipe`` (``continual`` or ``sam_med2d_paper``),
@@ -41,29 +41,18 @@ from monai.engines import SupervisedTrainer
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.checkpoint import load_model, read_state_dict, save_state_dict
-from lib.curation import CurationError, iter_curated, split_cases, stem, write_slices
-from lib.decoding import ServedDecoding
-from lib.evaluation import EvalSample, evaluate_model
-from lib.json_files import write_json_atomic
-from lib.losses import FocalDiceIoULoss
-from lib.model_store import ModelStore
-from lib.training import (
-    RECIPES,
-    RecipeConfig,
-    SamMed2DDataset,
-    SimulatedAnnotator,
-    broadcast_parameters,
-    configure_cpu_math,
-    finish_together,
-    iteration_update,
-    make_optimizer,
-    make_scheduler,
-    make_train_loader,
-    read_image,
-    read_mask,
-    recipe,
-)
+from lib.common.atomic_files import write_json_atomic
+from lib.io.checkpoint import load_model, read_state_dict, save_state_dict
+from lib.serving.decoding import ServedDecoding
+from lib.serving.model_store import ModelStore
+from lib.training.curation import CurationError, iter_curated, split_cases, stem, write_slices
+from lib.training.data import SamMed2DDataset, read_image, read_mask
+from lib.training.distributed import broadcast_parameters, finish_together
+from lib.training.evaluation import EvalSample, evaluate_model
+from lib.training.iteration import SimulatedAnnotator
+from lib.training.loop import iteration_update, make_train_loader
+from lib.training.losses import FocalDiceIoULoss
+from lib.training.recipe import RECIPES, RecipeConfig, configure_cpu_math, make_optimizer, make_scheduler, recipe
 
 logger = logging.getLogger(__name__)
 
@@ -240,13 +229,13 @@ class SamMed2DTrain(BasicTrainTask):
 
     # ------------------------------------------------------------------ MONAI Label hooks
     def train_pre_transforms(self, context: Context) -> list:
-        return []  # SamMed2DDataset puts images and masks into the model's input frame (lib.preprocessing)
+        return []  # SamMed2DDataset puts images and masks into the model's input frame (lib.serving.preprocessing)
 
     def train_post_transforms(self, context: Context) -> list:
         return []
 
     def val_inferer(self, context: Context) -> None:
-        return None  # validation prompts the model like an annotator (lib.evaluation), not a sliding window
+        return None  # validation prompts the model like an annotator (lib.training.evaluation), not a sliding window
 
     def _device(self, context: Context) -> torch.device:
         if torch.cuda.is_available():

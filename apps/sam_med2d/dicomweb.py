@@ -8,7 +8,7 @@ cache layout, same client settings, same ``/proxy/dicom`` that OHIF reads throug
   servers do not agree on multi-valued ``Modality`` matching (Orthanc answers none for ``CT\\MR``); the other keys
   of ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` still apply; the list is cached for ``dicomweb_cache_s`` seconds
   (default 10; monailabel keeps it two hours, so new series would not show).
-- labels are written as DICOM SEG by :mod:`lib.dicom_seg` (pydicom-seg, no dcmqi binary to download at start),
+- labels are written as DICOM SEG by :mod:`lib.io.dicom_seg` (pydicom-seg, no dcmqi binary to download at start),
   one segment per label value with the names the client sent, referencing the series and each of its instances,
   and stored with STOW-RS; only once the PACS has it is the label recorded in the local cache.
 - training data (:meth:`datalist`) are the newest SEG of each listed series, resampled onto the series' grid
@@ -46,8 +46,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from apps.sam_med2d.local_datastore import check_tag
-from lib.dicom_seg import SegError, read_seg, read_series, segments_from_label_info, write_seg
-from lib.limits import is_dicom_uid
+from lib.guard.limits import is_dicom_uid
+from lib.io.dicom_seg import SegError, read_seg, read_series, segments_from_label_info, write_seg
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def init_dicomweb_datastore(studies: str, conf: Mapping[str, str]) -> SamMed2DDi
 
 
 class SamMed2DDicomWebDatastore(DICOMWebDatastore):
-    """MONAI Label's DICOMweb datastore with per-modality listing, SEG via :mod:`lib.dicom_seg` and clear errors.
+    """MONAI Label's DICOMweb datastore with per-modality listing, SEG via :mod:`lib.io.dicom_seg` and clear errors.
 
     Args:
         client: the DICOMweb client.

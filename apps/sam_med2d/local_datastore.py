@@ -2,10 +2,10 @@
 
 :class:`monailabel.datastore.local.LocalDatastore` joins the ids and tags of requests into paths as given, so
 ``PUT /datastore/image?image=../../../../tmp/x`` writes ``/tmp/x`` and a label ``tag`` of ``../..`` does the same
-for labels. Here an uploaded image's id and a label's tag must be plain names (:func:`lib.limits.is_plain_name`),
+for labels. Here an uploaded image's id and a label's tag must be plain names (:func:`lib.guard.limits.is_plain_name`),
 the file's extension one the datastore lists (``x.json`` would overwrite ``datastore_v2.json``), and the file an
 image within the server's bounds, checked from its header; a label must also pair with its image pixel for pixel
-(:func:`lib.curation.check_label`, 422). A refusal is an HTTP 4xx naming the problem, raised before anything is
+(:func:`lib.training.curation.check_label`, 422). A refusal is an HTTP 4xx naming the problem, raised before anything is
 written. A saved label is fsynced (file, folder, datastore index) before the save is answered.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
-from lib.curation import CurationError, check_label
-from lib.image_source import ImageReadError, check_header
-from lib.json_files import fsync_path
-from lib.limits import Limits, is_plain_name
+from lib.common.atomic_files import fsync_path
+from lib.guard.limits import Limits, is_plain_name
+from lib.io.image_source import ImageReadError, check_header
+from lib.training.curation import CurationError, check_label
 
 
 def check_tag(tag: str) -> None:

@@ -5,16 +5,16 @@
 Conf keys (all optional):
 
 ``model``         ``vit_b`` (default) or a path to a config JSON (a ``meta.json`` with a ``config`` entry works)
-``checkpoint``    base weights, any layout :func:`lib.checkpoint.load_model` reads; default: ``sam-med2d_b.pth`` (or the
-                  only weights file) in ``model_dir``, downloaded there when absent and ``download`` is true
+``checkpoint``    base weights, any layout :func:`lib.io.checkpoint.load_model` reads; default: ``sam-med2d_b.pth`` (or
+                  the only weights file) in ``model_dir``, downloaded there when absent and ``download`` is true
 ``model_dir``     where the served and published weights live (default ``apps/sam_med2d/model``)
 ``keep_versions`` published versions kept (default 5; the serving version and the base are never removed)
 ``adapters``      ``true`` (SAM-Med2D) or ``false`` (SAM-Med2D*, adapters switched off)
 ``device``        ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available
 ``preprocessing`` ``evaluation`` (default; as the weights were trained) or ``predictor`` (the published predictor);
-                  training data and validation follow it (one decoding rule, :class:`lib.decoding.ServedDecoding`)
-``download``      ``true`` (default) / ``false``; ``download_url`` overrides where from
-``seed``          seed of the random weights served when there is no checkpoint (default 0)
+                  training data and validation follow it (one decoding rule,
+:class:`lib.serving.decoding.ServedDecoding`) ``download``      ``true`` (default) / ``false``; ``download_url``
+overrides where from ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 256; about 330 image views of ViT-B)
 ``image_memory_mb`` loaded images kept in memory for further clicks, at most this many MB of pixels (default 1024;
                   the image being clicked is always kept)
@@ -32,8 +32,8 @@ Conf keys (all optional):
 ``cors_origins``  comma-separated origins (``https://viewer.example.org``) whose pages may call the server; default
                   none (the OHIF served here is same-origin)
 ``max_*``         request bounds: ``max_image_pixels``, ``max_volume_voxels``, ``max_upload_mb``, ``max_points``,
-                  ``max_state_mb``, ``max_id_chars``, ``max_request_threads`` (defaults in ``lib/limits.py``, sized
-                  for real CT/MR/US/X-ray)
+                  ``max_state_mb``, ``max_id_chars``, ``max_request_threads`` (defaults in ``lib/guard/limits.py``,
+                  sized for real CT/MR/US/X-ray)
 ``retrain_*``     active-learning retraining triggers (``retrain_after_labels``, ``retrain_interval_minutes``,
                   ``retrain_cron``, ``retrain_params``...) and ``uncertainty_*`` settings of the ``sam_uncertainty``
                   next-sample strategy: see ``docs/active_learning.md``
@@ -76,27 +76,27 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
+from apps.sam_med2d.activelearning import active_learning_scoring, active_learning_strategies  # noqa: E402
 from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
+from apps.sam_med2d.retraining_scheduler import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
-from lib.asgi_threads import ThreadedPaths  # noqa: E402
-from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
-from lib.decoding import ServedDecoding  # noqa: E402
-from lib.http_guard import GuardPolicy, HttpGuard, RequestRefusedError, wrap_running_app  # noqa: E402
-from lib.interactive import InteractiveSegmenter  # noqa: E402
-from lib.limits import Limits  # noqa: E402
-from lib.model_store import ModelStore, TrainingInProgressError  # noqa: E402
-from lib.preprocessing import POLICIES  # noqa: E402
-from lib.prompt_inputs import InvalidRequestError  # noqa: E402
-from lib.published_weights import (  # noqa: E402
+from lib.guard.asgi_threads import ThreadedPaths  # noqa: E402
+from lib.guard.http import GuardPolicy, HttpGuard, RequestRefusedError, wrap_running_app  # noqa: E402
+from lib.guard.limits import Limits  # noqa: E402
+from lib.guard.train_request import check_train_params  # noqa: E402
+from lib.io.published_weights import (  # noqa: E402
     PUBLISHED_URL,
     DownloadError,
     download_published_weights,
     find_local_weights,
     how_to_fetch,
 )
-from lib.train_request import check_train_params  # noqa: E402
-from trainers.active_learning import active_learning_scoring, active_learning_strategies  # noqa: E402
-from trainers.retraining import RetrainingScheduler, scheduler_from_conf  # noqa: E402
+from lib.modeling.config import SamMed2DConfig, resolve_config  # noqa: E402
+from lib.serving.decoding import ServedDecoding  # noqa: E402
+from lib.serving.interactive import InteractiveSegmenter  # noqa: E402
+from lib.serving.model_store import ModelStore, TrainingInProgressError  # noqa: E402
+from lib.serving.preprocessing import POLICIES  # noqa: E402
+from lib.serving.prompt_inputs import InvalidRequestError  # noqa: E402
 from trainers.sam_med2d_train import SamMed2DTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -326,8 +326,8 @@ class SamMed2DApp(MONAILabelApp):
         logger.info("SAM-Med2D ready: %s", self.weights_info())
 
     def _guard_http_server(self) -> None:
-        """Put :class:`lib.http_guard.HttpGuard` in front of every endpoint of the running MONAI Label server, and
-        :class:`lib.asgi_threads.ThreadedPaths` behind it (``--conf max_request_threads`` requests at once).
+        """Put :class:`lib.guard.http.HttpGuard` in front of every endpoint of the running MONAI Label server, and
+        :class:`lib.guard.asgi_threads.ThreadedPaths` behind it (``--conf max_request_threads`` requests at once).
 
         Only in the server process (MONAI Label's FastAPI app is loaded there; training and scoring subprocesses
         build this app without it). Request uploads then go to a private temporary folder, the one place outside the

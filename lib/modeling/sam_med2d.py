@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import SamMed2DConfig
+from .config import SamMed2DConfig
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -14,8 +14,8 @@ from .prompt_encoder import PromptEncoder
 class SamMed2D(nn.Module):
     """Image encoder, prompt encoder and mask decoder, with parameter names of the published checkpoint.
 
-    Images enter :meth:`encode` normalised and at ``config.image_size`` (see :mod:`lib.preprocessing`); prompts enter
-    :meth:`decode` in that same input frame.
+    Images enter :meth:`encode` normalised and at ``config.image_size`` (see :mod:`lib.serving.preprocessing`); prompts
+    enter :meth:`decode` in that same input frame.
     """
 
     def __init__(

@@ -1,0 +1,1 @@
+"""Small pieces every layer uses: the one reader of typed settings, the one atomic file writer, the one LRU."""

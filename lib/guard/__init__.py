@@ -1,0 +1,2 @@
+"""What keeps the server safe and bounded: HTTP token and CORS, size limits, the train-request whitelist, worker
+threads."""

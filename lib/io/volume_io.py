@@ -1,0 +1,179 @@
+"""Reading and writing volumes with their geometry, in the conventions MONAI Label and its clients use.
+
+Arrays are in ITK index order ``(i, j, k)`` (what Slicer and OHIF call voxel coordinates) and geometry is a 4x4 RAS
+affine (MONAI's convention; NIfTI stores RAS, NRRD and DICOM store LPS and are converted). NIfTI goes through
+nibabel and NRRD through pynrrd, which are light; only DICOM series need ITK (GDCM), imported on first use because
+it costs about 270 MB of server memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_NRRD_SPACES = {
+    "left-posterior-superior": LPS_TO_RAS,
+    "LPS": LPS_TO_RAS,
+    "right-anterior-superior": np.eye(4),
+    "RAS": np.eye(4),
+}
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (i, j, k[, ...]), RAS affine)``; scaled intensities when the file says so."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    proxy = image.dataobj
+    if getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0:
+        data = np.asanyarray(proxy)  # stored dtype (int16 CT stays int16)
+    else:
+        data = image.get_fdata(dtype=np.float32)  # scaled values; float32, not nibabel's default float64
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def read_nrrd(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (i, j, k), RAS affine)`` from a NRRD file's space directions and origin."""
+    import nrrd
+
+    data, header = nrrd.read(str(path), index_order="F")
+    affine = np.eye(4)
+    directions = header.get("space directions")
+    if directions is not None:
+        spatial = [np.asarray(d, dtype=np.float64) for d in directions if d is not None and not np.isnan(d).any()]
+        if len(spatial) == min(3, data.ndim):
+            matrix = np.stack(spatial, axis=1)
+            affine[: matrix.shape[0], : matrix.shape[1]] = matrix
+        origin = header.get("space origin")
+        if origin is not None:
+            affine[: len(origin), 3] = np.asarray(origin, dtype=np.float64)
+        affine = _NRRD_SPACES.get(str(header.get("space", "LPS")), LPS_TO_RAS) @ affine
+    return data, affine
+
+
+def read_with_itk(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (i, j, k), RAS affine)`` with ITK: a DICOM series folder (GDCM sorts the slices), MHA/MHD."""
+    from monai.data import ITKReader
+    from monai.transforms import LoadImage
+
+    image = LoadImage(reader=ITKReader(), image_only=True)(str(path))
+    return np.asarray(image.array), np.asarray(image.affine, dtype=np.float64)
+
+
+def write_label(label: np.ndarray, path: str | Path, affine: np.ndarray, compress: bool = False) -> None:
+    """Write a label array in ITK index order (``(i, j, k)`` or ``(x, y)``) as NRRD or NIfTI with its geometry.
+
+    Args:
+        label: the array (its dtype is kept).
+        path: ``.nrrd``, ``.seg.nrrd``, ``.nii`` or ``.nii.gz``.
+        affine: RAS affine (a 2D label's geometry is that of its picture, see ``lib.io.image_source.picture_affine``).
+        compress: gzip NRRD data (NIfTI compresses by its ``.gz`` extension).
+    """
+    name = str(path).lower()
+    affine = np.asarray(affine, dtype=np.float64)
+    if name.endswith(".nrrd"):
+        import nrrd
+
+        header: dict = {"kinds": ["domain"] * label.ndim, "encoding": "gzip" if compress else "raw"}
+        if label.ndim == 3:
+            lps = LPS_TO_RAS @ affine
+            header["space"] = "left-posterior-superior"
+            header["space directions"] = lps[:3, :3].T
+            header["space origin"] = lps[:3, 3]
+        nrrd.write(str(path), np.asarray(label), header, index_order="F")
+    elif name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        image = nib.Nifti1Image(np.asarray(label), affine)
+        image.header.set_xyzt_units("mm")
+        nib.save(image, str(path))
+    else:
+        raise ValueError(f"cannot write a label as {Path(path).name}: use .nrrd or .nii.gz")
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+_NRRD_TYPES = {"uint8": "uint8", "uint16": "uint16", "int16": "int16", "int32": "int32", "float32": "float"}
+
+
+def write_slice_label_nrrd(
+    path: str | Path,
+    shape: tuple[int, int, int],
+    slice_index: int,
+    plane: np.ndarray,
+    affine: np.ndarray,
+    compress: bool = False,
+) -> None:
+    """Write an ``(I, J, K)`` NRRD label that is empty except on slice ``k``, without building the volume.
+
+    Interactive clicks answer with the whole volume (Slicer and OHIF expect the input's geometry) but only one slice
+    is set; writing that slice into an empty file (a sparse file, or a gzip stream whose empty parts are compressed
+    once) costs a few milliseconds instead of the tens a 512x512xK array costs to build, reorder and write.
+
+    Args:
+        shape: ``(I, J, K)``.
+        plane: the slice as ``(J, I)`` (rows j, columns i), in the label's dtype.
+        affine: RAS affine of the volume.
+        compress: gzip (level 1) instead of raw.
+    """
+    i_size, j_size, k_size = shape
+    if plane.shape != (j_size, i_size):
+        raise ValueError(f"slice of shape {plane.shape} does not fit a volume of shape {shape}")
+    dtype = np.dtype(plane.dtype).newbyteorder("<")
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    vectors = " ".join("(" + ",".join(f"{v:.17g}" for v in lps[:3, axis]) + ")" for axis in range(3))
+    header = (
+        "NRRD0004\n"
+        f"type: {_NRRD_TYPES[dtype.name]}\n"
+        "dimension: 3\n"
+        "space: left-posterior-superior\n"
+        f"sizes: {i_size} {j_size} {k_size}\n"
+        f"space directions: {vectors}\n"
+        "kinds: domain domain domain\n"
+        "endian: little\n"
+        f"encoding: {'gzip' if compress else 'raw'}\n"
+        "space origin: (" + ",".join(f"{v:.17g}" for v in lps[:3, 3]) + ")\n\n"
+    ).encode()
+    block = np.ascontiguousarray(plane, dtype=dtype).tobytes()
+    before = slice_index * len(block)
+    after = (k_size - slice_index - 1) * len(block)
+    with open(path, "wb") as f:
+        f.write(header)
+        if not compress:
+            f.seek(before, 1)
+            f.write(block)
+            f.truncate(len(header) + before + len(block) + after)
+            return
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip member header, no name, unknown OS
+        crc = 0
+        for part in (before, None, after):
+            if part is None:
+                f.write(_deflate_fresh(block))
+                crc = zlib.crc32(block, crc)
+                continue
+            chunks, rest = divmod(part, len(_ZERO_CHUNK))
+            compressed_chunk = _deflated_zero_chunk()
+            for _ in range(chunks):
+                f.write(compressed_chunk)
+                crc = zlib.crc32(_ZERO_CHUNK, crc)
+            if rest:
+                f.write(_deflate_fresh(_ZERO_CHUNK[:rest]))
+                crc = zlib.crc32(memoryview(_ZERO_CHUNK)[:rest], crc)
+        f.write(b"\x03\x00")  # final empty fixed-Huffman block
+        total = before + len(block) + after
+        f.write(struct.pack("<II", crc & 0xFFFFFFFF, total & 0xFFFFFFFF))
+
+
+def _deflate_fresh(data: bytes) -> bytes:
+    """Raw deflate of ``data`` as an independent, byte-aligned, non-final run of blocks (ends with a full flush)."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+
+@functools.lru_cache(maxsize=1)
+def _deflated_zero_chunk() -> bytes:
+    return _deflate_fresh(_ZERO_CHUNK)

@@ -1,0 +1,61 @@
+"""Opt-in reduced-precision image encoder: int8 dynamic quantisation of its linear layers, or bf16 autocast.
+
+The encoder is the server's one large cost (a new image or slice); its linear layers hold nearly all its weights and
+time. ``int8`` quantises their weights once and their inputs per call (dynamic quantisation; fast on CPUs with VNNI
+integer dot products); ``bf16`` runs the encoder under bf16 autocast (fast where the CPU has AVX512-BF16 or AMX, or
+on a GPU). Both change the embedding slightly, so they are off unless asked for; ``bench_model`` prints their speed
+and their Dice change against fp32. The decoder stays fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lib.modeling import SamMed2D
+
+PRECISIONS = ("fp32", "int8", "bf16")
+# /proc/cpuinfo flags of the instructions that make each precision fast on a CPU.
+NATIVE_FLAGS = {"int8": ("avx512_vnni", "avx_vnni", "amx_int8"), "bf16": ("avx512_bf16", "amx_bf16")}
+
+
+def cpu_has_native(precision: str) -> bool:
+    """Whether this (Linux x86) CPU has instructions for ``int8`` or ``bf16`` matrix products."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return any(flag in flags for flag in NATIVE_FLAGS.get(precision, ()))
+
+
+class AutocastEncoder(nn.Module):
+    """Runs ``encoder`` under bf16 autocast on its device and returns fp32 embeddings."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, C, S/16, S/16)`` fp32."""
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
+            return self.encoder(images).float()
+
+
+def set_encoder_precision(model: SamMed2D, precision: str) -> SamMed2D:
+    """Switch ``model``'s image encoder to ``precision`` in place (for inference; ``fp32`` leaves it as it is).
+
+    ``int8`` replaces the linear layers by dynamically quantised ones (CPU only), which frees their fp32 weights.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"encoder precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8":
+        if model.device.type != "cpu":
+            raise ValueError("int8 dynamic quantisation runs on the CPU; use bf16 on a GPU")
+        with warnings.catch_warnings():
+            # torch points eager quantisation users to torchao; this API is what torch itself ships.
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(model.image_encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    elif precision == "bf16":
+        model.image_encoder = AutocastEncoder(model.image_encoder)
+    return model

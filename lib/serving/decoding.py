@@ -1,0 +1,179 @@
+"""How this server turns prompts into a mask: the one definition shared by serving, validation, evaluation and scoring.
+
+The published SAM-Med2D train and test scripts decode every prompt (box, one click, several clicks, with or without
+the previous mask) with ``multimask_output=True`` and keep the candidate with the highest predicted IoU; output 0 (the
+single-mask token) is never trained by that recipe, nor by ours. So the server does the same by default, and the
+trainer's validation, the promotion gate, the uncertainty scorer and :mod:`lib.training.evaluation` decode through the
+functions here with the same :class:`ServedDecoding`, so that a validation Dice is what an annotator gets through REST.
+
+* :func:`decode_rows`: prompt rows in the model's input frame -> kept low-resolution logits (batched);
+* :func:`decode_view`: prompts in original image pixels on an encoded view
+  (:class:`lib.serving.embedding_cache.CachedEmbedding`) -> kept logits, exactly what a click on the server runs;
+* :func:`view_mask`: kept logits -> the boolean mask in original pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lib.modeling import SamMed2D
+from lib.serving.embedding_cache import CachedEmbedding
+from lib.serving.preprocessing import POLICIES, FrameGeometry, PolicyName
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedDecoding:
+    """The decoding rule of a server.
+
+    Attributes:
+        policy: preprocessing policy (:mod:`lib.serving.preprocessing`): ``evaluation`` (as the weights were trained) or
+            ``predictor`` (the published predictor). Training data is prepared with it too.
+        multimask_output: the default for every prompt: decode SAM's three candidates and keep the best predicted
+            IoU (what the recipe trains); a request may still ask for ``false`` (output 0).
+        adapters: encoder adapters on (SAM-Med2D) or off (SAM-Med2D*).
+        threshold: a pixel is in the mask when its logit is above this.
+        mask_prompt: how the previous low-resolution logits enter as the next mask prompt: ``probabilities``
+            (their sigmoid, as the published training and test scripts do) or ``logits`` (as the published predictor
+            does). Follows ``policy`` unless given.
+    """
+
+    policy: PolicyName = "evaluation"
+    multimask_output: bool = True
+    adapters: bool = True
+    threshold: float = 0.0
+    mask_prompt: Literal["probabilities", "logits", "auto"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"preprocessing must be one of {POLICIES}, got {self.policy!r}")
+        if self.mask_prompt == "auto":
+            object.__setattr__(self, "mask_prompt", "logits" if self.policy == "predictor" else "probabilities")
+        if self.mask_prompt not in ("probabilities", "logits"):
+            raise ValueError(f"mask_prompt must be 'probabilities' or 'logits', got {self.mask_prompt!r}")
+
+    def mask_input(self, previous_low_res: torch.Tensor) -> torch.Tensor:
+        """The previous kept logits ``(R, 1, s, s)`` as the next mask prompt."""
+        previous_low_res = previous_low_res.float()
+        return torch.sigmoid(previous_low_res) if self.mask_prompt == "probabilities" else previous_low_res
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One line for ``/info`` and logs."""
+        return (
+            f"preprocessing {self.policy}; multimask_output {str(self.multimask_output).lower()} by default for every "
+            f"prompt (best of three predicted IoUs: the published train/test scripts never train output 0); "
+            f"previous mask as {self.mask_prompt}; adapters {'on' if self.adapters else 'off'}; "
+            f"threshold {self.threshold:g}"
+        )
+
+
+def prompt_independent_inputs(
+    model: SamMed2D, features: torch.Tensor, image_pe: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """What the decoder needs with an image embedding ``(1, C, h, w)`` whatever the prompt.
+
+    Returns ``image_pe`` ``(1, C, h, w)`` (the dense positional encoding: it depends on the weights only, so pass
+    the model's one and every entry shares it), ``src_no_mask`` = features + the dense embedding used when there
+    is no mask prompt (what the decoder's transformer reads) and, under ``first_layer.*``, the transformer's first
+    projections of ``src_no_mask`` (:meth:`TwoWayTransformer.first_layer_terms`).
+    """
+    prompt_encoder = model.prompt_encoder
+    if image_pe is None:
+        image_pe = prompt_encoder.get_dense_pe()
+    no_mask_dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    src_no_mask = features + no_mask_dense
+    first_layer = model.mask_decoder.transformer.first_layer_terms(src_no_mask, image_pe)
+    return {"image_pe": image_pe, "src_no_mask": src_no_mask, **{f"first_layer.{k}": v for k, v in first_layer.items()}}
+
+
+def decode_rows(
+    model: SamMed2D,
+    entry: CachedEmbedding,
+    decoding: ServedDecoding,
+    point_coords: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+    boxes: torch.Tensor | None = None,
+    previous_low_res: torch.Tensor | None = None,
+    multimask_output: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``R`` prompt rows on one encoded image, prompts in the model's input frame.
+
+    Args:
+        model: the network.
+        entry: the image's embedding ``features`` ``(1, C, h, w)``; its ``extras`` hold
+            :func:`prompt_independent_inputs` (computed here when absent), and ``onnx_decoder`` where the server
+            decodes with ONNX Runtime.
+        decoding: the rule (mask prompt form, default multimask).
+        point_coords: ``(R, N, 2)`` (x, y); ``point_labels``: ``(R, N)`` 1 foreground, 0 background.
+        boxes: ``(R, 4)`` XYXY.
+        previous_low_res: ``(R, 1, s, s)`` kept logits of the previous decoding (the mask prompt), or ``None``.
+        multimask_output: ``None`` for the rule's default.
+
+    Returns:
+        kept low-resolution logits ``(R, 1, s, s)`` and their predicted IoU ``(R,)``.
+    """
+    if not entry.extras:
+        entry.extras.update(prompt_independent_inputs(model, entry.features))
+    onnx_decoder = entry.extras.get("onnx_decoder")
+    if onnx_decoder is not None:
+        # --conf backend onnxruntime: the same outputs from ONNX Runtime (lib.serving.onnx_backend.OnnxDecoder).
+        mask = None if previous_low_res is None else decoding.mask_input(previous_low_res)
+        masks, iou = onnx_decoder(entry.features, point_coords, point_labels, boxes, mask)
+    else:
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, _ = model.prompt_encoder(points, boxes, None)
+        first_layer = None
+        if previous_low_res is None:
+            src = entry.extras["src_no_mask"]
+            first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
+            first_layer = first_layer or None  # extras made without them: computed per click
+        else:
+            src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
+        masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse, first_layer)
+    multimask = decoding.multimask_output if multimask_output is None else multimask_output
+    # Multimask: the best of outputs 1..3 (the published decoder's multimask slice); otherwise output 0.
+    best = iou[:, 1:].argmax(dim=1) + 1 if multimask else torch.zeros_like(iou[:, 0], dtype=torch.long)
+    rows = torch.arange(iou.shape[0], device=iou.device)
+    return masks[rows, best][:, None].clone(), iou[rows, best]
+
+
+def decode_view(
+    model: SamMed2D,
+    entry: CachedEmbedding,
+    decoding: ServedDecoding,
+    point_coords: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    box: np.ndarray | None = None,
+    previous_low_res: torch.Tensor | None = None,
+    multimask_output: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt on an encoded view, in the view's original pixels: what a click on the server decodes.
+
+    Args:
+        point_coords: ``(N, 2)`` (x, y) pixels of the view (``N`` may be 0); ``point_labels``: ``(N,)``.
+        box: ``(4,)`` XYXY pixels or ``None``.
+        previous_low_res: ``(1, 1, s, s)`` kept logits of this view's previous decoding, or ``None``.
+
+    Returns:
+        ``(1, 1, s, s)`` kept logits and their predicted IoU ``(1,)``.
+    """
+    geometry: FrameGeometry = entry.geometry
+    device = entry.features.device
+    coords = labels = boxes = None
+    if point_coords is not None and len(point_coords):
+        coords = torch.as_tensor(geometry.points_to_input(point_coords), dtype=torch.float32)[None].to(device)
+        labels = torch.as_tensor(point_labels, dtype=torch.int64)[None].to(device)
+    if box is not None:
+        boxes = torch.as_tensor(geometry.boxes_to_input(box), dtype=torch.float32)[None].to(device)
+    return decode_rows(model, entry, decoding, coords, labels, boxes, previous_low_res, multimask_output)
+
+
+def view_mask(geometry: FrameGeometry, low_res: torch.Tensor, decoding: ServedDecoding) -> torch.Tensor:
+    """Kept logits ``(R, 1, s, s)`` -> ``(R, H, W)`` boolean masks in the view's original pixels."""
+    return geometry.masks_to_original(low_res.float())[:, 0] > decoding.threshold
