@@ -28,12 +28,13 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from lib.common.settings import parse_bool
 from lib.guard.limits import Limits
 from lib.io.image_source import ImageReadError, picture_affine
 from lib.io.volume_io import write_label, write_slice_label_nrrd
 from lib.serving.decoding import ServedDecoding
 from lib.serving.interactive import InteractiveSegmenter, Segmentation
-from lib.serving.prompt_inputs import InvalidRequestError, parse_bool, parse_prompts, parse_propagation
+from lib.serving.prompt_inputs import InvalidRequestError, parse_prompts, parse_propagation
 from lib.serving.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
 
 logger = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.common.lru import LruCache
 from lib.serving.embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from lib.serving.preprocessing import frame_geometry, preprocess_image
 
@@ -83,6 +84,22 @@ def test_cache_is_thread_safe():
         t.start()
     for t in threads:
         t.join()
-    assert cache.nbytes == sum(e.nbytes for e in cache._entries.values()) <= cache.max_bytes
+    assert cache.nbytes == len(cache) * _entry(10).nbytes <= cache.max_bytes  # all entries are the same size
     stats = cache.stats()
     assert stats["hits"] + stats["misses"] == 2000
+
+
+def test_lru_bounds_count_and_size_and_keeps_what_is_used():
+    lru: LruCache[str, bytes] = LruCache(max_entries=3, max_size=10, size_of=len)
+    for key in "abc":
+        lru.put(key, b"xx")
+    assert lru.get("a") == b"xx"  # now the most recent: "b" is the oldest
+    lru.put("d", b"xx")
+    assert lru.get("b") is None and len(lru) == 3 and lru.size == 6
+    lru.put("e", b"x" * 8)  # over the size bound: evicts from the oldest until it fits
+    assert [k for k in "acde" if lru.get(k) is not None] == ["d", "e"] and lru.size == 10
+    lru.put("f", b"x" * 20)  # the newest stays even alone over the bound (it is the one being worked on)
+    assert lru.get("f") is not None and len(lru) == 1
+    strict: LruCache[str, bytes] = LruCache(max_size=10, size_of=len, keep_newest=False)
+    strict.put("g", b"x" * 20)
+    assert len(strict) == 0 and strict.size == 0

@@ -41,8 +41,10 @@ from monai.engines import SupervisedTrainer
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from apps.sam_med2d.monailabel_private import TrainTaskHooks
 from lib.common.atomic_files import write_json_atomic
-from lib.io.checkpoint import load_model, read_state_dict, save_state_dict
+from lib.common.settings import parse_bool
+from lib.io.checkpoint import load_model, read_state_dict
 from lib.serving.decoding import ServedDecoding
 from lib.serving.model_store import ModelStore
 from lib.training.curation import CurationError, iter_curated, split_cases, stem, write_slices
@@ -50,7 +52,7 @@ from lib.training.data import SamMed2DDataset, read_image, read_mask
 from lib.training.distributed import broadcast_parameters, finish_together
 from lib.training.evaluation import EvalSample, evaluate_model
 from lib.training.iteration import SimulatedAnnotator
-from lib.training.loop import iteration_update, make_train_loader
+from lib.training.loop import BestEpoch, EpochLoop, iteration_update, make_train_loader
 from lib.training.losses import FocalDiceIoULoss
 from lib.training.recipe import RECIPES, RecipeConfig, configure_cpu_math, make_optimizer, make_scheduler, recipe
 
@@ -58,7 +60,6 @@ logger = logging.getLogger(__name__)
 
 # Request keys that map onto recipe fields under another name (MONAI Label's usual names).
 _RENAMED = {"max_epochs": "epochs", "train_batch_size": "batch_size"}
-_TRUE = ("1", "true", "yes", "on")
 _ROLLBACK_WINS = "the served model changed during the run (a rollback to {}): the rollback stands, nothing published"
 
 
@@ -66,7 +67,7 @@ def _first(value: Any) -> Any:
     return value[0] if isinstance(value, list | tuple) and value else value
 
 
-class SamMed2DTrain(BasicTrainTask):
+class SamMed2DTrain(TrainTaskHooks, BasicTrainTask):
     """Fine-tune the served SAM-Med2D on the saved labels with the paper's interactive recipe.
 
     Args:
@@ -141,7 +142,7 @@ class SamMed2DTrain(BasicTrainTask):
         if not torch.cuda.is_available():
             configure_cpu_math()  # before the first parallel op: threads created later inherit the setting
         self.recipe_for(request)  # reject unknown recipes and bad values before anything runs
-        multi = str(request.get("multi_gpu", self._config["multi_gpu"])).lower() in _TRUE
+        multi = parse_bool(_first(request.get("multi_gpu", self._config["multi_gpu"])), "multi_gpu")
         request["multi_gpu"] = multi
         if multi and not torch.cuda.is_available():
             # Processes on CPU talk over gloo through a rendezvous file (MONAI Label defaults to NCCL).
@@ -237,27 +238,19 @@ class SamMed2DTrain(BasicTrainTask):
     def val_inferer(self, context: Context) -> None:
         return None  # validation prompts the model like an annotator (lib.training.evaluation), not a sliding window
 
-    def _device(self, context: Context) -> torch.device:
-        if torch.cuda.is_available():
-            return super()._device(context)
-        return torch.device("cpu")
-
     def train(self, rank: int, world_size: int, request: dict[str, Any], datalist: list) -> dict[str, Any]:
         request = copy.deepcopy(request)
         self._recipe = self.recipe_for(request)
         return super().train(rank, world_size, request, datalist)
 
-    def _create_network_and_optimizer(self, context: Context) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def create_network(self, context: Context) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         # No DistributedDataParallel wrapper: the iteration makes nine optimizer steps per batch on different
         # parameter groups and averages gradients itself (lib.training.average_gradients).
         context.network = self.network(context)
         broadcast_parameters(context.network)
         return context.network, self.optimizer(context)
 
-    def _create_evaluator(self, context: Context) -> None:
-        return None  # validation is the paper's protocol, run by ValidateAndPublish
-
-    def _create_trainer(self, context: Context) -> SupervisedTrainer:
+    def create_trainer(self, context: Context) -> SupervisedTrainer:
         config = context.recipe
         rank, world = context.local_rank, context.distributed_world
         dataset = SamMed2DDataset(
@@ -285,7 +278,16 @@ class SamMed2DTrain(BasicTrainTask):
             amp=False,
             decollate=False,
         )
-        ValidateAndPublish(self, context, dataset, loader).attach(trainer)
+        publisher = ValidateAndPublish(self, context)
+        EpochLoop(
+            dataset,
+            loader,
+            make_scheduler(context.optimizer, config),
+            world,
+            on_epoch=publisher.epoch_completed,
+            on_iteration=publisher.log_iteration,
+        ).attach(trainer)
+        publisher.attach(trainer)
         return trainer
 
     def finalize(self, context: Context) -> None:
@@ -300,27 +302,19 @@ class ValidateAndPublish:
     run (a rollback), so the served model is validated in its own right.
     """
 
-    def __init__(self, task: SamMed2DTrain, context: Context, dataset: SamMed2DDataset, loader: Any) -> None:
+    def __init__(self, task: SamMed2DTrain, context: Context) -> None:
         self.task = task
         self.context = context
         self.config: RecipeConfig = context.recipe
-        self.dataset = dataset
-        self.loader = loader
         self.rank = context.local_rank
-        self.scheduler = make_scheduler(context.optimizer, self.config)
-        self.best_path = Path(context.output_dir) / "best.pt"
+        self.best = BestEpoch(Path(context.output_dir) / "best.pt")
         self.samples: list[EvalSample] = []
         self.stats: dict[str, Any] = {}
         self.served_key = ""
-        self.epoch_start = 0.0
-        self.epoch_images = 0
-        self.epoch_losses: list[float] = []
 
     def attach(self, engine: SupervisedTrainer) -> None:
+        """Run-level events; the epochs reach :meth:`epoch_completed` through the :class:`EpochLoop`."""
         engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
 
@@ -397,41 +391,27 @@ class ValidateAndPublish:
                 logger.info(f"Validation of the served model: {self._table(self.stats['served'])}")
         self._write_stats()
 
-    def epoch_started(self, engine: SupervisedTrainer) -> None:
-        epoch = engine.state.epoch - 1
-        self.loader.batch_sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
-        self.epoch_start = time.perf_counter()
-        self.epoch_images = 0
-        self.epoch_losses = []
-
-    def iteration_completed(self, engine: SupervisedTrainer) -> None:
+    def log_iteration(self, engine: SupervisedTrainer) -> None:
         out = engine.state.output
-        self.epoch_losses.append(out["loss"])
-        self.epoch_images += out["images"] * self.context.distributed_world
         if self.rank == 0 and (engine.state.iteration % 10 == 0 or engine.state.iteration == 1):
             logger.info(
                 f"Epoch {engine.state.epoch}/{engine.state.max_epochs} iteration {engine.state.iteration}: "
                 f"loss {out['loss']:.4f} (first prompt {out['loss_first']:.4f}, last {out['loss_last']:.4f})"
             )
 
-    def epoch_completed(self, engine: SupervisedTrainer) -> None:
-        seconds = time.perf_counter() - self.epoch_start
-        self.scheduler.step()
+    def epoch_completed(self, epoch: int, engine: SupervisedTrainer) -> None:
+        history = engine.state.history
         row: dict[str, Any] = {
-            "epoch": engine.state.epoch,
-            "loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else None,
-            "images_per_second": self.epoch_images / seconds if seconds > 0 else None,
-            "lr": self.context.optimizer.param_groups[0]["lr"],
+            "epoch": epoch,
+            "loss": history["epoch_loss"][-1],
+            "images_per_second": history["images_per_second"][-1],
+            "lr": history["lr"][-1],
         }
         if self.rank == 0 and self.samples:
             row["val"] = self._validate()
-            mean = row["val"]["dice"]["mean"]
-            logger.info(f"Epoch {engine.state.epoch} validation: {self._table(row['val'])}")
-            if "best_epoch" not in self.stats or mean > self.stats["best_metric"]:
-                self.stats["best_metric"] = mean
-                self.stats["best_epoch"] = engine.state.epoch
-                save_state_dict(self.model, self.best_path)
+            logger.info(f"Epoch {epoch} validation: {self._table(row['val'])}")
+            if self.best.update(epoch, row["val"]["dice"]["mean"], self.model):
+                self.stats["best_metric"], self.stats["best_epoch"] = self.best.score, epoch
         self.stats["epochs"].append(row)
         self._write_stats()
 
@@ -470,7 +450,7 @@ class ValidateAndPublish:
                     "val_images": self.stats["val_images"],
                     "decoding": self.task.decoding.to_dict(),
                 }
-                version = store.publish(read_state_dict(self.best_path)[0], metrics, if_serving=self.served_key)
+                version = store.publish(read_state_dict(self.best.path)[0], metrics, if_serving=self.served_key)
                 self.stats["published"] = version
                 self.stats["publish_reason"] = (
                     f"validation Dice {best_mean:.4f} (epoch {best['epoch']}) >= served model {served['version']} "

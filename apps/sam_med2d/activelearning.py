@@ -27,9 +27,8 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
-from monailabel.utils.others.generic import strtobool
 
-from lib.common.settings import dataclass_from_conf
+from lib.common.settings import conf_flag, dataclass_from_conf
 from lib.io.image_source import ImageReadError, fingerprint, read_image
 from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
 from lib.serving.decoding import ServedDecoding
@@ -241,7 +240,7 @@ def active_learning_scoring(
     """The app's ``/scoring`` methods: ``sam_uncertainty``."""
     threads = int(conf.get("uncertainty_threads", 1))
     config = uncertainty_config_from_conf(conf)
-    score_remote = bool(strtobool(str(conf.get("uncertainty_on_pacs", "false"))))
+    score_remote = conf_flag(conf, "uncertainty_on_pacs", False)
     scoring = SamUncertaintyScoring(
         model_store, config, device=device, decoding=decoding, threads=threads, score_remote=score_remote
     )

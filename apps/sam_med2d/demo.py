@@ -14,11 +14,11 @@ Running it again leaves existing files alone, so it is idempotent and fast.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from lib.common.atomic_files import atomic_path
 
 
 def _skimage_file(name: str) -> Path:
@@ -73,16 +73,8 @@ def build_demo_datastore(output: str | Path) -> list[Path]:
     for name, write in DEMO_IMAGES.items():
         target = output / name
         if not target.is_file():
-            suffix = ".nii.gz" if name.endswith(".nii.gz") else target.suffix
-            fd, tmp = tempfile.mkstemp(dir=output, prefix=".demo_", suffix=suffix)
-            os.close(fd)
-            try:
-                write(Path(tmp))
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_path(target) as tmp:
+                write(tmp)
         paths.append(target)
     return paths
 

@@ -73,15 +73,16 @@ from monailabel.interfaces.exception import (  # noqa: E402
 )
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
-from monailabel.utils.others.generic import strtobool  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from apps.sam_med2d.activelearning import active_learning_scoring, active_learning_strategies  # noqa: E402
 from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
+from apps.sam_med2d.monailabel_private import running_server_app, wrap_running_app  # noqa: E402
 from apps.sam_med2d.retraining_scheduler import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
+from lib.common.settings import SettingError, conf_flag  # noqa: E402
 from lib.guard.asgi_threads import ThreadedPaths  # noqa: E402
-from lib.guard.http import GuardPolicy, HttpGuard, RequestRefusedError, wrap_running_app  # noqa: E402
+from lib.guard.http import GuardPolicy, HttpGuard, RequestRefusedError  # noqa: E402
 from lib.guard.limits import Limits  # noqa: E402
 from lib.guard.train_request import check_train_params  # noqa: E402
 from lib.io.published_weights import (  # noqa: E402
@@ -96,7 +97,6 @@ from lib.serving.decoding import ServedDecoding  # noqa: E402
 from lib.serving.interactive import InteractiveSegmenter  # noqa: E402
 from lib.serving.model_store import ModelStore, TrainingInProgressError  # noqa: E402
 from lib.serving.preprocessing import POLICIES  # noqa: E402
-from lib.serving.prompt_inputs import InvalidRequestError  # noqa: E402
 from trainers.sam_med2d_train import SamMed2DTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,6 @@ EXTRA_EXTENSIONS = ["*.dcm"]  # single-frame DICOM images in a local datastore
 # Endpoints quick enough for the event loop; every other request runs on a worker thread (MONAI Label's endpoints
 # do their blocking work inside ``async`` functions, which would stall every user for as long as one request takes).
 DIRECT_PATHS = ("/info", "/static/", "/favicon.ico")
-
-
-def _flag(conf: dict[str, str], key: str, default: bool) -> bool:
-    value = conf.get(key)
-    return default if value is None else bool(strtobool(str(value)))
 
 
 def _resolve_path(value: str) -> Path:
@@ -187,12 +182,12 @@ class SamMed2DApp(MONAILabelApp):
         self.upload_dir: Path | None = None  # the server's private temporary folder (request uploads), once serving
         self.network_config: SamMed2DConfig = resolve_config(self.conf.get("model", "vit_b"))
         model_dir = _resolve_path(self.conf.get("model_dir", str(APP_DIR / "model")))
-        self.download = _flag(self.conf, "download", True)
+        self.download = conf_flag(self.conf, "download", True)
         self.checkpoint = self._checkpoint(model_dir)
         policy = self.conf.get("preprocessing", "evaluation")
         if policy not in POLICIES:
             raise ValueError(f"--conf preprocessing must be one of {POLICIES}, got {policy!r}")
-        adapters = _flag(self.conf, "adapters", True)
+        adapters = conf_flag(self.conf, "adapters", True)
         # How prompts become masks, for serving, the trainer's validation and gate, and uncertainty scoring.
         self.decoding = ServedDecoding(policy=policy, adapters=adapters)  # type: ignore[arg-type]
         self.model_store = ModelStore(
@@ -333,8 +328,8 @@ class SamMed2DApp(MONAILabelApp):
         build this app without it). Request uploads then go to a private temporary folder, the one place outside the
         datastore an ``image`` path may point to.
         """
-        server = sys.modules.get("monailabel.app")
-        if server is None:
+        app = running_server_app()
+        if app is None:
             return
         token = os.environ.get("SAM_MED2D_API_TOKEN", "")
         if self.conf.get("api_token_file"):
@@ -351,10 +346,10 @@ class SamMed2DApp(MONAILabelApp):
             body_checks={"/train": self._check_train_request},
         )
         for error in (json.JSONDecodeError, MONAILabelException):
-            server.app.add_exception_handler(error, _client_errors)
-        server.app.add_exception_handler(StarletteHTTPException, _input_500s_as_400)
+            app.add_exception_handler(error, _client_errors)
+        app.add_exception_handler(StarletteHTTPException, _input_500s_as_400)
         threads = self.limits.request_threads
-        wrap_running_app(server.app, lambda stack: HttpGuard(ThreadedPaths(stack, DIRECT_PATHS, threads), policy))
+        wrap_running_app(app, lambda stack: HttpGuard(ThreadedPaths(stack, DIRECT_PATHS, threads), policy))
         self.upload_dir = _private_request_dir()
         tempfile.tempdir = str(self.upload_dir)  # MONAI Label's endpoints write uploads with tempfile's defaults
         threading.Thread(target=_sweep, args=(self.upload_dir,), name="request-files", daemon=True).start()
@@ -448,8 +443,8 @@ class SamMed2DApp(MONAILabelApp):
                 raise HTTPException(404, f"unknown image {image[:200]!r}: not in the datastore")
         try:
             return super().infer(request, datastore)
-        except InvalidRequestError as exc:
-            raise HTTPException(exc.status, str(exc)) from exc
+        except SettingError as exc:  # InvalidRequestError carries its own 4xx
+            raise HTTPException(getattr(exc, "status", 400), str(exc)) from exc
         except MONAILabelException as exc:
             if exc.error == MONAILabelError.INVALID_INPUT:
                 raise HTTPException(400, exc.msg) from exc

@@ -32,10 +32,9 @@ from typing import Any
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from monailabel.utils.async_tasks.task import AsyncTask
-from monailabel.utils.async_tasks.utils import tasks
 
 from apps.sam_med2d.activelearning import scores_missing
+from apps.sam_med2d.monailabel_private import start_task, task_states
 from lib.loop.retraining import (
     FAILED,
     NOT_PROMOTED,
@@ -156,7 +155,7 @@ class RetrainingScheduler:
                 return stamps
 
             self._follow(labels)
-            busy = any(t.get("status") in ACTIVE for t in tasks("train"))
+            busy = any(t.get("status") in ACTIVE for t in task_states("train"))
             record = None
             if self.policy.enabled or self.controller.queued:
                 record = self.controller.begin(labels(), busy, self._launch, self.store.active_version())
@@ -171,7 +170,7 @@ class RetrainingScheduler:
         segmenter = getattr(self.app, "segmenter", None)
         if segmenter is not None and segmenter.idle_seconds() < self.scoring_idle_seconds:
             return
-        if any(t.get("status") in ACTIVE for t in tasks("scoring")):
+        if any(t.get("status") in ACTIVE for t in task_states("scoring")):
             return
         self._last_scoring = time.monotonic()
         missing = scores_missing(self.store, self.app.datastore())
@@ -182,11 +181,11 @@ class RetrainingScheduler:
                 f"Retraining scheduler: {missing} unlabeled images lack a {method} score from "
                 f"{self.store.active_version()}; scoring"
             )
-            AsyncTask.run("scoring", request={"method": method, "background": True})
+            start_task("scoring", {"method": method, "background": True})
 
     def _launch(self, trigger: Trigger) -> str | None:
         """Start a train task as ``POST /train/<model>`` does; ``None`` when one is already running."""
-        task, detail = AsyncTask.run("train", request={"model": self.model}, params=dict(self.train_params))
+        task, detail = start_task("train", {"model": self.model}, self.train_params)
         if task is None:
             logger.info(f"Retraining: {detail}")
             return None
@@ -196,7 +195,7 @@ class RetrainingScheduler:
     # --------------------------------------------------------------------------------------------- bookkeeping
     def _follow(self, labels: Callable[[], Mapping[str, str]]) -> None:
         running = self.controller.running
-        by_id = {t["id"]: t for t in tasks("train")}
+        by_id = {t["id"]: t for t in task_states("train")}
         if running:
             task = by_id.get(running.get("task_id"))
             if task is None:

@@ -1,17 +1,19 @@
-"""JSON state files that readers may open at any time: written atomically and durably, non-finite numbers as ``null``.
+"""The one atomic writer: files that readers may open at any time (state JSON, checkpoints, downloads, datasets).
 
-Durably: the file's data is on disk before it replaces the old one, and the rename is on disk before the writer goes
-on (:func:`fsync_path` of the file, then of its folder), so a power cut or a ``kill -9`` leaves the old file or the
-new one, never an empty or partial one.
+Atomically and durably: the content is written to a temporary file beside the target, flushed to disk, renamed over
+the target, and the rename flushed (:func:`fsync_path` of the file, then of its folder), so a reader, a power cut
+or a ``kill -9`` sees the old file or the new one, never an empty or partial one. JSON is written with non-finite
+numbers as ``null``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +29,33 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to; on a clean exit it replaces ``path`` durably, on an
+    error it is removed and ``path`` is left as it was.
+
+    The temporary file keeps ``path``'s suffixes (``.nii.gz``, ``.safetensors``) for writers that choose the format
+    by name, and gets ``mode`` (``mkstemp`` makes it private).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(payload), f, indent=2, sort_keys=True, allow_nan=False, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.chmod(tmp, mode)
+        fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any], indent: int = 2) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never a part."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(payload), indent=indent, sort_keys=True, allow_nan=False, default=str))
 
 
 def fsync_path(path: str | Path) -> None:

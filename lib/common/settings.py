@@ -1,22 +1,71 @@
-"""Typed settings from a MONAI Label server's ``--conf`` (string values, one key per dataclass field)."""
+"""The one reader of typed values: the server's ``--conf`` (strings) and request parameters (JSON or strings).
+
+One vocabulary everywhere: booleans are ``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off`` (any case) or
+JSON booleans; anything else is an error that names the setting, never a silent ``false``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
 
 
-def conf_bool(value: Any) -> bool:
-    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, any case) or a bool; anything else raises ValueError."""
+class SettingError(ValueError):
+    """A setting or parameter with a value of the wrong kind; the message names it and what it accepts."""
+
+
+def parse_bool(value: Any, name: str, default: bool | None = None, allow_auto: bool = False) -> bool | None:
+    """A boolean from a JSON value or a string.
+
+    ``None`` and ``""`` give ``default``; so does ``"auto"`` where ``allow_auto`` (request parameters whose default
+    depends on the request). Numbers 0 and 1 are accepted as JSON sends them.
+    """
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return default
     if isinstance(value, bool):
         return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
     text = str(value).strip().lower()
-    if text not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"{value!r} is not a boolean (true/false)")
-    return text in ("true", "1", "yes")
+    if allow_auto and text == "auto":
+        return default
+    if text in TRUE_WORDS or text in FALSE_WORDS:
+        return text in TRUE_WORDS
+    accepted = "true, false or 'auto'" if allow_auto else "true or false"
+    raise SettingError(f"{name} must be {accepted}, got {value!r}")
+
+
+def parse_number(
+    value: Any, name: str, integer: bool = False, low: float = -math.inf, high: float = math.inf
+) -> float | int:
+    """A finite number (an integer where ``integer``) in ``[low, high]`` from a JSON value or a string."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SettingError(f"{name} must be finite, got {value!r}")
+    if not low <= number <= high:
+        raise SettingError(f"{name}={value!r} must be in [{low:g}, {high:g}]")
+    if integer:
+        if number != int(number):
+            raise SettingError(f"{name}={value!r} must be an integer")
+        return int(number)
+    return number
+
+
+def conf_flag(conf: Mapping[str, Any], key: str, default: bool) -> bool:
+    """The boolean ``--conf key`` (absent or empty: ``default``)."""
+    value = parse_bool(conf.get(key), f"--conf {key}", default=default)
+    return default if value is None else value
 
 
 def dataclass_from_conf(cls: type[T], conf: Mapping[str, Any], prefix: str) -> T:
@@ -31,17 +80,15 @@ def dataclass_from_conf(cls: type[T], conf: Mapping[str, Any], prefix: str) -> T
         if key not in conf or conf[key] in (None, ""):
             continue
         raw = conf[key]
-        try:
-            if field.type in ("bool", bool):
-                values[field.name] = conf_bool(raw)
-            elif field.type in ("int", int):
-                values[field.name] = int(raw)
-            elif field.type in ("float", float):
-                values[field.name] = float(raw)
-            else:
-                values[field.name] = str(raw).strip()
-        except ValueError as err:
-            raise ValueError(f"--conf {key} {raw!r}: {err}") from err
+        name = f"--conf {key}"
+        if field.type in ("bool", bool):
+            values[field.name] = parse_bool(raw, name)
+        elif field.type in ("int", int):
+            values[field.name] = parse_number(raw, name, integer=True)
+        elif field.type in ("float", float):
+            values[field.name] = parse_number(raw, name)
+        else:
+            values[field.name] = str(raw).strip()
     try:
         return cls(**values)
     except ValueError as err:

@@ -11,7 +11,7 @@
 - Body checks: ``body_checks`` maps a path prefix to a function that inspects a (small) JSON body and raises
   :class:`RequestRefusedError`; the body is read once (at most 1 MB), checked, and replayed to the endpoint.
 
-Nothing here imports the server; :func:`wrap_running_app` puts middleware in front of an app already running.
+Nothing here imports the server; ``apps/sam_med2d/monailabel_private.py`` puts it in front of the running app.
 """
 
 from __future__ import annotations
@@ -157,13 +157,3 @@ async def _answer(
     headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def wrap_running_app(app: Any, wrap: Callable[[ASGIApp], ASGIApp]) -> None:
-    """Put middleware (``wrap(stack)``) in front of a Starlette/FastAPI ``app``, running or not.
-
-    An app that has served (its lifespan runs inside the built middleware stack, and MONAI Label creates the
-    MONAI Label app there) can no longer ``add_middleware``; the stack is built again (so exception handlers added
-    since take effect) and wrapped, which is equivalent.
-    """
-    app.middleware_stack = wrap(app.build_middleware_stack())

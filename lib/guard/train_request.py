@@ -11,11 +11,11 @@ MONAI Label's ``name`` (the run's output folder).
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from lib.common.settings import SettingError, parse_bool, parse_number
 from lib.guard.http import RequestRefusedError
 
 # Numeric keys and the values a request may give them (inclusive). The learning rate goes far above any useful
@@ -45,7 +45,6 @@ NUMBER_LISTS: dict[str, tuple[int, int]] = {"lr_milestones": (1, 1000), "point_c
 FLAGS = {"multi_gpu", "multimask", "amp"}
 CHOICES: dict[str, tuple[str, ...]] = {"loss_reduction": ("batch", "mask")}
 _GPUS = re.compile(r"all|[0-9]{1,2}(,[0-9]{1,2}){0,15}")
-_TRUE_FALSE = ("true", "false", "1", "0", "yes", "no")
 
 
 def check_train_params(params: Any, config: Mapping[str, Any]) -> None:
@@ -70,16 +69,17 @@ def check_train_params(params: Any, config: Mapping[str, Any]) -> None:
             if single not in choices[key]:
                 raise RequestRefusedError(f"training parameter {key}={value!r} is not one of {list(choices[key])}")
         elif key in FLAGS:
-            if not isinstance(single, bool) and str(single).strip().lower() not in _TRUE_FALSE:
-                raise RequestRefusedError(f"training parameter {key}={value!r} must be true or false")
+            _check(parse_bool, single, f"training parameter {key}")
         elif key in NUMBERS:
-            _check_number(key, single, *NUMBERS[key], integer=key not in FLOATS)
+            low, high = NUMBERS[key]
+            _check(parse_number, single, f"training parameter {key}", integer=key not in FLOATS, low=low, high=high)
         elif key in NUMBER_LISTS:
             items = [v for v in value.replace(" ", "").split(",") if v] if isinstance(value, str) else value
             if not isinstance(items, list) or not 1 <= len(items) <= 16:
                 raise RequestRefusedError(f"training parameter {key}={value!r} must be 1 to 16 integers like [1, 3]")
             for item in items:
-                _check_number(key, item, *NUMBER_LISTS[key], integer=True)
+                low, high = NUMBER_LISTS[key]
+                _check(parse_number, item, f"training parameter {key}", integer=True, low=low, high=high)
         elif key == "gpus":
             if not isinstance(single, str) or not _GPUS.fullmatch(single):
                 raise RequestRefusedError(f"training parameter gpus={value!r} must be 'all' or device numbers ('0,1')")
@@ -91,12 +91,8 @@ def check_train_params(params: Any, config: Mapping[str, Any]) -> None:
             )
 
 
-def _check_number(key: str, value: Any, low: float, high: float, integer: bool) -> None:
+def _check(parse: Callable[..., Any], value: Any, name: str, **kwargs: Any) -> None:
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise RequestRefusedError(f"training parameter {key}={value!r} must be a number") from None
-    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high:
-        raise RequestRefusedError(f"training parameter {key}={value!r} must be in [{low:g}, {high:g}]")
-    if integer and number != int(number):
-        raise RequestRefusedError(f"training parameter {key}={value!r} must be an integer")
+        parse(value, name, **kwargs)
+    except SettingError as err:
+        raise RequestRefusedError(str(err)) from None

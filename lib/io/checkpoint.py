@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lib.common.atomic_files import fsync_path
+from lib.common.atomic_files import atomic_path
 from lib.modeling import SamMed2D
 from lib.modeling.build import build_model
 from lib.modeling.config import SamMed2DConfig, resolve_config
@@ -194,22 +192,13 @@ def save_state_dict(model_or_state: SamMed2D | Mapping[str, torch.Tensor], path:
     path = Path(path)
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else dict(model_or_state)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(state, tmp)
         else:
             torch.save(state, tmp)
-        fsync_path(tmp)  # on disk before it is renamed into place: a crash leaves the old file or the new one
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -8,12 +8,13 @@ fast (short connect timeout) when there is no network, so an offline server stil
 from __future__ import annotations
 
 import logging
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
+from lib.common.atomic_files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,11 @@ def download_published_weights(
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     target = model_dir / PUBLISHED_FILE
-    part = target.with_name(target.name + ".part")
     try:
         response = urllib.request.urlopen(url, timeout=connect_timeout)  # noqa: S310 (fixed https URL)
     except (urllib.error.URLError, OSError) as exc:
         raise DownloadError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}; {how_to_fetch(model_dir)}") from exc
-    with response:
+    with response, atomic_path(target) as part:  # an interrupted or refused download leaves no file behind
         content_type = response.headers.get("Content-Type", "")
         if "text/html" in content_type:
             raise DownloadError(f"Google Drive answered with a web page, not the file; {how_to_fetch(model_dir)}")
@@ -86,18 +86,16 @@ def download_published_weights(
                     out.write(chunk)
                     bar.update(len(chunk))
         except OSError as exc:
-            part.unlink(missing_ok=True)
             raise DownloadError(f"download interrupted: {exc}; {how_to_fetch(model_dir)}") from exc
-    if verify_config is not None:
-        from lib.io.checkpoint import CheckpointError, load_model
+        if verify_config is not None:
+            from lib.io.checkpoint import CheckpointError, load_model
 
-        try:
-            load_model(part, verify_config)
-        except CheckpointError as exc:
-            part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"the downloaded file is not a SAM-Med2D checkpoint of this network: {exc}; {how_to_fetch(model_dir)}"
-            ) from exc
-    os.replace(part, target)
+            try:
+                load_model(part, verify_config)
+            except CheckpointError as exc:
+                raise DownloadError(
+                    "the downloaded file is not a SAM-Med2D checkpoint of this network: "
+                    f"{exc}; {how_to_fetch(model_dir)}"
+                ) from exc
     logger.info("SAM-Med2D weights saved to %s (%.1f MB)", target, target.stat().st_size / 2**20)
     return target

@@ -7,12 +7,12 @@ gives a different key, so a stale embedding is never returned.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 from typing import Any
 
 import torch
+
+from lib.common.lru import LruCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,65 +49,41 @@ class CachedEmbedding:
 
 
 class EmbeddingCache:
-    """Least-recently-used cache bounded by the bytes of the tensors it holds."""
+    """Least-recently-used cache of embeddings bounded by the bytes of the tensors it holds; an entry larger than the
+    whole cache is not stored."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self.max_bytes = max_bytes
-        self._entries: collections.OrderedDict[EmbeddingKey, CachedEmbedding] = collections.OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self._lru: LruCache[EmbeddingKey, CachedEmbedding] = LruCache(
+            max_size=max_bytes, size_of=lambda entry: entry.nbytes, keep_newest=False
+        )
 
     def get(self, key: EmbeddingKey) -> CachedEmbedding | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+        return self._lru.get(key)
 
     def put(self, key: EmbeddingKey, entry: CachedEmbedding) -> None:
-        """Insert (or replace) an entry, evicting the least recently used ones to stay within ``max_bytes``.
-
-        An entry larger than the whole cache is not stored.
-        """
-        size = entry.nbytes
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            if size > self.max_bytes:
-                return
-            while self._entries and self._bytes + size > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
-            self._entries[key] = entry
-            self._bytes += size
+        """Insert (or replace) an entry, evicting the least recently used ones to stay within ``max_bytes``."""
+        self._lru.put(key, entry)
 
     def invalidate(self, image: str | None = None) -> None:
         """Drop every entry (or those of one image)."""
-        with self._lock:
-            for key in [k for k in self._entries if image is None or k.image == image]:
-                self._bytes -= self._entries.pop(key).nbytes
+        self._lru.remove_where(lambda key: image is None or key.image == image)
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._lru.size
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "entries": len(self._entries),
-                "bytes": self._bytes,
-                "max_bytes": self.max_bytes,
-                "hits": self.hits,
-                "misses": self.misses,
-            }
+        lru = self._lru
+        return {
+            "entries": len(lru),
+            "bytes": lru.size,
+            "max_bytes": self.max_bytes,
+            "hits": lru.hits,
+            "misses": lru.misses,
+        }

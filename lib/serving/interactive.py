@@ -9,7 +9,6 @@ the next click's mask prompt, as in the paper's interactive protocol. Nothing he
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lib.common.lru import LruCache
 from lib.guard.limits import Limits
 from lib.io.image_source import ImageSource, fingerprint, read_image
 from lib.modeling import SamMed2D
@@ -116,55 +116,6 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class _LRU:
-    """A small thread-safe LRU mapping bounded by entry count and, with ``size_of``, by total size.
-
-    The most recent entry is always kept, whatever its size: it is the one being worked on.
-    """
-
-    def __init__(self, max_entries: int, max_size: int = 0, size_of: Callable[[Any], int] | None = None) -> None:
-        self.max_entries = max_entries
-        self.max_size = max_size
-        self.size_of = size_of
-        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def _over(self) -> bool:
-        if len(self._items) > self.max_entries:
-            return True
-        if self.size_of is None or self.max_size <= 0 or len(self._items) < 2:
-            return False
-        return self.size() > self.max_size
-
-    def size(self) -> int:
-        return sum(self.size_of(v) for v in self._items.values()) if self.size_of is not None else 0
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while self._over():
-                self._items.popitem(last=False)
-
-    def pop(self, key: Any) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -233,9 +184,9 @@ class InteractiveSegmenter:
         self.device = torch.device(device)
         self.decoding = decoding or ServedDecoding()
         self.cache = EmbeddingCache(cache_bytes)
-        self._sources = _LRU(max_sources, max_source_bytes, lambda source: source.nbytes)
-        self._states = _LRU(max_states, self.limits.state_bytes, _tensor_bytes)
-        self._volumes = _LRU(max_volume_labels, max_volume_bytes, lambda label: label.nbytes)
+        self._sources = LruCache(max_sources, max_source_bytes, lambda source: source.nbytes)
+        self._states = LruCache(max_states, self.limits.state_bytes, _tensor_bytes)
+        self._volumes = LruCache(max_volume_labels, max_volume_bytes, lambda label: label.nbytes)
         self._model: SamMed2D | None = None
         self._image_pe: torch.Tensor | None = None
         self._model_key: str | None = None
@@ -574,7 +525,7 @@ class InteractiveSegmenter:
         return {
             "embedding_cache": self.cache.stats(),
             "images_in_memory": len(self._sources),
-            "image_bytes_in_memory": self._sources.size(),
+            "image_bytes_in_memory": self._sources.size,
             "interaction_states": len(self._states),
             "volume_labels": len(self._volumes),
             "device": str(self.device),

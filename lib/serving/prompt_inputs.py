@@ -30,16 +30,16 @@ Errors raise :class:`InvalidRequestError` with an HTTP-like status and a message
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from lib.common.settings import SettingError, parse_bool, parse_number
 from lib.guard.limits import Limits
 
 
-class InvalidRequestError(ValueError):
+class InvalidRequestError(SettingError):
     """A request the server cannot honour; ``status`` is the HTTP status to answer with (4xx)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
@@ -71,30 +71,6 @@ class ViewPrompts:
         return int(self.point_labels.shape[0])
 
 
-def parse_bool(value: Any, name: str, default: bool | None = None) -> bool | None:
-    """``true``/``false`` as JSON booleans, numbers or strings; ``"auto"``/``None`` give ``default``."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    raise InvalidRequestError(f"{name} must be true, false or 'auto', got {value!r}")
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise InvalidRequestError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise InvalidRequestError(f"{what} must be finite, got {value!r}")
-    return float(value)
-
-
 def _as_list(value: Any, name: str) -> list[Any]:
     if value is None:
         return []
@@ -113,13 +89,13 @@ def parse_window(value: Any) -> tuple[float, float] | None:
         level = value.get("level", value.get("center"))
         if level is None or "width" not in value:
             raise InvalidRequestError("window as an object needs 'level' (or 'center') and 'width'")
-        level, width = _number(level, "window level"), _number(value["width"], "window width")
+        level, width = parse_number(level, "window level"), parse_number(value["width"], "window width")
         low, high = level - width / 2, level + width / 2
     else:
         items = _as_list(value, "window")
         if len(items) != 2:
             raise InvalidRequestError(f"window must be [low, high], got {value!r}")
-        low, high = _number(items[0], "window low"), _number(items[1], "window high")
+        low, high = parse_number(items[0], "window low"), parse_number(items[1], "window high")
     if not high > low:
         raise InvalidRequestError(f"window [low, high] must have high > low, got [{low}, {high}]")
     return low, high
@@ -138,7 +114,7 @@ def parse_slice(value: Any, num_slices: int) -> int | None:
 def _slice_number(value: Any) -> int | None:
     if value is None or value == "":
         return None
-    k = _number(value, "slice")
+    k = parse_number(value, "slice")
     if k != int(k):
         raise InvalidRequestError(f"slice must be an integer, got {value!r}")
     return int(k) if k >= 0 else None  # Slicer and the SAM2 app send -1 for "no slice"
@@ -183,10 +159,10 @@ def parse_prompts(
             coords = _as_list(point, where)
             if len(coords) not in (2, 3):
                 raise InvalidRequestError(f"{where} must be [x, y] or [i, j, k]")
-            x, y = _number(coords[0], where), _number(coords[1], where)
+            x, y = parse_number(coords[0], where), parse_number(coords[1], where)
             k = None
             if len(coords) == 3:
-                k = round(_number(coords[2], where))  # the nearest slice (RAS->IJK can give 11.9999)
+                k = round(parse_number(coords[2], where))  # the nearest slice (RAS->IJK can give 11.9999)
                 if not is_volume and k != 0:
                     raise InvalidRequestError(f"{where} is outside the image: a 2D image has only slice 0")
                 if is_volume and not 0 <= k < num_slices:
@@ -216,7 +192,9 @@ def parse_prompts(
 
     coords = np.array([[c[0], c[1]] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
-    multimask = parse_bool(request.get("multimask_output"), "multimask_output", default=default_multimask)
+    multimask = parse_bool(
+        request.get("multimask_output"), "multimask_output", default=default_multimask, allow_auto=True
+    )
     return ViewPrompts(
         point_coords=coords,
         point_labels=labels,
@@ -303,7 +281,7 @@ def _parse_box(
     values = _as_list(request.get(name), name)
     if not values:
         return None, None
-    numbers = [_number(v, f"{name} value") for v in values]
+    numbers = [parse_number(v, f"{name} value") for v in values]
     h, w = view_hw
     slices = None
     if len(numbers) == 6:  # Slicer: [i_a, i_b, j_a, j_b, k_a, k_b], pairs unordered
@@ -380,16 +358,16 @@ def parse_propagation(
     max_slices = None
     raw = request.get("propagate_slices")
     if raw is not None and raw != "":
-        count = _number(raw, "propagate_slices")
+        count = parse_number(raw, "propagate_slices")
         if count != int(count) or count < 1:
             raise InvalidRequestError(f"propagate_slices must be a positive integer (slices each way), got {raw!r}")
         max_slices = int(count)
     raw = request.get("propagate_min_iou")
-    min_iou = default_min_iou if raw is None or raw == "" else _number(raw, "propagate_min_iou")
+    min_iou = default_min_iou if raw is None or raw == "" else parse_number(raw, "propagate_min_iou")
     if not 0.0 <= min_iou <= 1.0:
         raise InvalidRequestError(f"propagate_min_iou must be between 0 and 1, got {raw!r}")
     raw = request.get("propagate_max_area_ratio")
-    ratio = default_area_ratio if raw is None or raw == "" else _number(raw, "propagate_max_area_ratio")
+    ratio = default_area_ratio if raw is None or raw == "" else parse_number(raw, "propagate_max_area_ratio")
     if not ratio > 1.0:
         raise InvalidRequestError(f"propagate_max_area_ratio must be above 1, got {raw!r}")
     return PropagationRequest(direction=direction, max_slices=max_slices, min_iou=min_iou, max_area_ratio=ratio)

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from lib.common.atomic_files import write_json_atomic
 from lib.io.image_source import DICOM_SUFFIXES, read_image, suffix_of, vector_picture
 from lib.io.image_source import to_uint8 as map_to_uint8
 
@@ -255,8 +256,8 @@ def write_layout(records: Sequence[dict[str, object]], output: str | Path, val_c
     output = Path(output)
     train = {r["image"]: r["masks"] for r in records if r["case"] not in val_cases}
     test = {m: r["image"] for r in records if r["case"] in val_cases for m in r["masks"]}
-    (output / "image2label_train.json").write_text(json.dumps(train, indent=1))
-    (output / "label2image_test.json").write_text(json.dumps(test, indent=1))
+    write_json_atomic(output / "image2label_train.json", train, indent=1)
+    write_json_atomic(output / "label2image_test.json", test, indent=1)
     return {
         "train_images": len(train),
         "train_masks": sum(len(v) for v in train.values()),

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lib.common.settings import parse_bool
 from lib.modeling import SamMed2D
 
 
@@ -66,11 +67,7 @@ class RecipeConfig:
 def _coerce(default: Any, value: Any, key: str) -> Any:
     try:
         if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            return parse_bool(value, key, default=default)
         if isinstance(default, tuple):
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]

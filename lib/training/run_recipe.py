@@ -15,7 +15,6 @@ the held-out split (``label2image_test.json``, the paper's protocol: box, 1, 3, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,11 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lib.common.atomic_files import write_json_atomic  # noqa: E402
 from lib.io.checkpoint import load_model, save_state_dict  # noqa: E402
 from lib.modeling.config import resolve_config  # noqa: E402
 from lib.training.data import SamMed2DDataset, read_layout  # noqa: E402
 from lib.training.evaluation import evaluate_model, format_table, samples_from_layout  # noqa: E402
-from lib.training.loop import fit  # noqa: E402
+from lib.training.loop import BestEpoch, fit  # noqa: E402
 from lib.training.recipe import RECIPES, recipe  # noqa: E402
 
 
@@ -91,24 +91,25 @@ def main(argv: list[str] | None = None) -> int:
             except FileNotFoundError:
                 print("no label2image_test.json: training without validation", flush=True)
         metrics: dict = {"recipe": config.to_dict(), "world_size": world, "epochs": []}
-        best = {"dice": -1.0}
+        best = BestEpoch(output / "best.pt")
 
         def on_epoch(epoch: int, engine) -> None:
             if rank != 0:
                 return
-            row = {"epoch": epoch, "loss": engine.state.history["epoch_loss"][-1]}
-            row["images_per_second"] = engine.state.history["images_per_second"][-1]
+            history = engine.state.history
+            row = {
+                "epoch": epoch,
+                "loss": history["epoch_loss"][-1],
+                "images_per_second": history["images_per_second"][-1],
+            }
             save_state_dict(model, output / f"epoch_{epoch:02d}.pt")
             if samples:
                 result = evaluate_model(model, samples, config.val_points, seed=config.seed)
                 row["val_dice"] = result["dice"]
-                mean = sum(result["dice"].values()) / len(result["dice"])
                 print(format_table({f"epoch {epoch}": result}), flush=True)
-                if mean >= best["dice"]:
-                    best["dice"] = mean
-                    save_state_dict(model, output / "best.pt")
+                best.update(epoch, sum(result["dice"].values()) / len(result["dice"]), model)
             metrics["epochs"].append(row)
-            (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json_atomic(output / "metrics.json", metrics)
 
         fit(model, dataset, config, on_epoch=on_epoch, rank=rank, world_size=world, progress=args.progress)
     finally:
