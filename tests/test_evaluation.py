@@ -15,9 +15,9 @@ from PIL import Image
 
 from lib.io.checkpoint import load_model
 from lib.serving.decoding import decode_view, view_mask
+from lib.serving.prompts import interior_clicks
 from lib.training import evaluation
 from lib.training.evaluation import EvalSample, evaluate_model, samples_from_layout
-from lib.training.prompts import interior_clicks
 from tests.client_files import dcmqi_liver_mask
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.training.prompts import PromptRandom, error_clicks, jitter_boxes, largest_component_box, random_points
+from lib.serving.prompts import PromptRandom, error_clicks, jitter_boxes, largest_component_box, random_points
 
 
 def _masks() -> tuple[torch.Tensor, torch.Tensor]:

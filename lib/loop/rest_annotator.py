@@ -2,7 +2,7 @@
 
 It measures what an annotator gets: on each held-out image it draws the box around the expert mask's largest
 component, then clicks (the most interior pixel of the mask, then of the larger error region of the answer it got:
-:func:`lib.training.prompts.interior_clicks`, the annotator of the promotion gate), sends every request with the
+:func:`lib.serving.prompts.interior_clicks`, the annotator of the promotion gate), sends every request with the
 server's default parameters (only the prompts, a ``client_id`` per annotation session and the label name), reads the PNG
 mask the server answers and scores it with Dice against the expert mask. It also saves labels with
 ``PUT /datastore/label``, which is how the active-learning loop is fed. Nothing here imports the server.
@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
+from lib.serving.prompts import interior_clicks, largest_component_box
 from lib.training.metrics import dice_per_mask
-from lib.training.prompts import interior_clicks, largest_component_box
 
 
 def infer_answer(response: requests.Response) -> tuple[dict, bytes | None, str]:

@@ -2,11 +2,11 @@
 
 An unlabeled image has no prompt, so the scorer picks one the way an annotator would start: a foreground click at the
 centre of the image (medical images are mostly acquired with the structure of interest centred). The model's mask for
-that click gives a seed box (around its largest component, :func:`lib.training.prompts.largest_component_box`); when
+that click gives a seed box (around its largest component, :func:`lib.serving.prompts.largest_component_box`); when
 that mask is empty the seed box is the central half of the image. Then ``num_prompts`` perturbed prompts are decoded on
-the same embedding: half are the seed box jittered as in training (:func:`lib.training.prompts.jitter_boxes`), half are
-random foreground clicks on the seed mask (:func:`lib.training.prompts.random_points`), all drawn from a seeded
-:class:`lib.training.prompts.PromptRandom` (the one prompt sampler of training and evaluation).
+the same embedding: half are the seed box jittered as in training (:func:`lib.serving.prompts.jitter_boxes`), half are
+random foreground clicks on the seed mask (:func:`lib.serving.prompts.random_points`), all drawn from a seeded
+:class:`lib.serving.prompts.PromptRandom` (the one prompt sampler of training and evaluation).
 
 Two signals come out:
 
@@ -35,8 +35,8 @@ from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding, decode_rows
 from lib.serving.embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from lib.serving.preprocessing import FrameGeometry, preprocess_image
+from lib.serving.prompts import PromptRandom, jitter_boxes, largest_component_box, random_points
 from lib.training.metrics import iou_per_mask
-from lib.training.prompts import PromptRandom, jitter_boxes, largest_component_box, random_points
 
 METHODS = ("disagreement", "iou", "combined")
 

@@ -2,7 +2,7 @@
 
 From the slice the annotator prompted, each direction walks to the next slice and prompts it with what the previous
 slice gave: the box around its mask, its kept low-resolution logits as the mask prompt, and one foreground click at
-its most interior pixel (:func:`lib.training.prompts.interior_clicks`, the benchmarks' deterministic annotator). The
+its most interior pixel (:func:`lib.serving.prompts.interior_clicks`, the benchmarks' deterministic annotator). The
 slice is decoded exactly as a click on the server is (:func:`lib.serving.decoding.decode_view` and
 :func:`lib.serving.decoding.view_mask` with the server's :class:`lib.serving.decoding.ServedDecoding`). A direction
 stops, and the slice that made it stop is not kept, when
@@ -31,7 +31,7 @@ from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding, decode_view, view_mask
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.prompt_inputs import PropagationRequest
-from lib.training.prompts import interior_clicks
+from lib.serving.prompts import interior_clicks
 
 # Provisional: the MNI152 measurement (docs/propagation.md) was too weak a model to separate good and bad slices.
 DEFAULT_MIN_IOU = 0.5

@@ -1,2 +1,2 @@
-"""Learning from labels: recipes, data, the simulated-annotator iteration, the one training loop, losses, the prompt
-sampler, metrics, the paper's evaluation protocol and label curation."""
+"""Learning from labels: recipes, data, the simulated-annotator iteration, the one training loop, losses, metrics,
+the paper's evaluation protocol and label curation."""

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from lib.serving.preprocessing import PolicyName, preprocess_image
-from lib.training.prompts import largest_component_box
+from lib.serving.prompts import largest_component_box
 
 TRAIN_LAYOUT = "image2label_train.json"
 TEST_LAYOUT = "label2image_test.json"

@@ -9,8 +9,8 @@ mask is prompted the way an annotator prompts the server, in the image's own pix
   accumulated, with the previous mask as a prompt (as the server keeps it for a client). The 3- and 5-point results
   are the same click sequence read at 3 and 5 clicks, which is how an annotator would continue.
 
-Clicks come from one of two simulated annotators (:mod:`lib.training.prompts`): ``random`` (the paper's: drawn uniformly
-from the mask, then from the error region, from a seeded :class:`lib.training.prompts.PromptRandom`) or ``interior``
+Clicks come from one of two simulated annotators (:mod:`lib.serving.prompts`): ``random`` (the paper's: drawn uniformly
+from the mask, then from the error region, from a seeded :class:`lib.serving.prompts.PromptRandom`) or ``interior``
 (deterministic: the most interior pixel of the mask, then of the larger error region, as a careful annotator clicks;
 what the promotion gate and ``benchmarks/bench_loop.py`` use). Dice is measured per mask in the original image and
 averaged over masks.
@@ -38,8 +38,8 @@ from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding, decode_view, prompt_independent_inputs, view_mask
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.preprocessing import preprocess_image
+from lib.serving.prompts import PromptRandom, error_clicks, interior_clicks, largest_component_box, random_points
 from lib.training.metrics import dice_per_mask
-from lib.training.prompts import PromptRandom, error_clicks, interior_clicks, largest_component_box, random_points
 
 CLICKERS = ("random", "interior")
 

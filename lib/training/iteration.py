@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding
+from lib.serving.prompts import PromptRandom, error_clicks, jitter_boxes, random_points
 from lib.training.distributed import average_gradients
 from lib.training.losses import FocalDiceIoULoss
-from lib.training.prompts import PromptRandom, error_clicks, jitter_boxes, random_points
 from lib.training.recipe import RecipeConfig, parameter_groups, train_only
 
 

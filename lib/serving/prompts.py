@@ -1,4 +1,5 @@
-"""The prompt sampler: the simulated annotator shared by training and evaluation.
+"""The prompt sampler: the simulated annotator shared by training and evaluation, and the interior click that
+propagation prompts the next slice with.
 
 Everything works on masks in the model's input frame (``S x S``, see :mod:`lib.serving.preprocessing`), batched as
 prompt rows ``(N, S, S)``, and draws its random numbers from a :class:`PromptRandom`: seeded, so two runs agree, and
