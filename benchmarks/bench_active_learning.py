@@ -7,7 +7,7 @@ The loop is the server's, run in one process so that two strategies can be compa
 2. each round the strategy picks ``--step`` more images to label from the unlabeled pool: ``uncertainty`` takes the
    highest :class:`lib.loop.uncertainty.UncertaintyScorer` scores under the model that serves now (what
    ``/activelearning/sam_uncertainty`` returns), ``random`` draws at random;
-3. retrain from the served model on the labeled images (:func:`lib.training.fit`, the trainer's recipe with small
+3. retrain from the served model on the labeled images (:func:`lib.training.loop.fit`, the trainer's recipe with small
    settings), a quarter of them held out for validation; promote the result only if its validation Dice (box prompt,
    :func:`lib.training.evaluation.evaluate_model`) is not lower than the served model's on the same validation labels;
 4. measure the served model on ``--held-out`` images never labeled (box and 1/3 clicks) and go on.

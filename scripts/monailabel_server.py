@@ -52,7 +52,8 @@ def start_server(
     timeout: float = 240.0,
     env: Mapping[str, str] | None = None,
 ) -> str:
-    """Run ``monailabel start_server --app <app_dir> --studies <studies> --conf k v ...`` and wait until it serves.
+    """Run ``monailabel start_server --app <app_dir> --studies <studies> --host 127.0.0.1 --port <port> --conf k v
+    ...`` and wait until it serves.
 
     Args:
         app_dir, studies: as on the command line (relative paths are taken from the repository root).

@@ -1,8 +1,8 @@
 """The SAM-Med2D train task: continue adapter fine-tuning on the labels annotators save.
 
 A MONAI Label :class:`BasicTrainTask` whose ignite iteration is the paper's simulated annotator
-(:class:`lib.training.SimulatedAnnotator`: first prompt box or point, then 8 decoder-only steps with error-region
-clicks). One run:
+(:class:`lib.training.iteration.SimulatedAnnotator`: first prompt box or point, then 8 decoder-only steps with
+error-region clicks). One run:
 
 1. curates the datastore's final labels like the paper (:mod:`lib.training.curation`: volumes cut into slices, one mask
    per class and connected component, small masks dropped) into the run's cache folder, and splits them by image into
@@ -245,7 +245,7 @@ class SamMed2DTrain(TrainTaskHooks, BasicTrainTask):
 
     def create_network(self, context: Context) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         # No DistributedDataParallel wrapper: the iteration makes nine optimizer steps per batch on different
-        # parameter groups and averages gradients itself (lib.training.average_gradients).
+        # parameter groups and averages gradients itself (lib.training.distributed.average_gradients).
         context.network = self.network(context)
         broadcast_parameters(context.network)
         return context.network, self.optimizer(context)

@@ -1,7 +1,7 @@
 """What a REST training request may set: the documented recipe fields and the task's config choices, in range.
 
 A training run loads weights and writes files, so a request is an instruction to the server's file system unless it
-is held to documented values. Accepted: the fields of :class:`lib.training.RecipeConfig` that tune a run (under
+is held to documented values. Accepted: the fields of :class:`lib.training.recipe.RecipeConfig` that tune a run (under
 their own names or MONAI Label's ``max_epochs`` / ``train_batch_size``), each within :data:`NUMBERS` or
 :data:`NUMBER_LISTS`, and the train task's config choices (``recipe``, ``multi_gpu``, ``gpus``...). Refused: any
 other key, among them ``init``, ``checkpoint``, ``model_config`` and ``image_size`` (they change where the weights
