@@ -39,6 +39,7 @@ from scipy import ndimage
 from lib.common.atomic_files import write_json_atomic
 from lib.io.image_source import DICOM_SUFFIXES, read_image, suffix_of, vector_picture
 from lib.io.image_source import to_uint8 as map_to_uint8
+from lib.training.data import TEST_LAYOUT, TRAIN_LAYOUT
 
 MIN_MASK_FRACTION = 100 / (256 * 256)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".dcm")
@@ -256,8 +257,8 @@ def write_layout(records: Sequence[dict[str, object]], output: str | Path, val_c
     output = Path(output)
     train = {r["image"]: r["masks"] for r in records if r["case"] not in val_cases}
     test = {m: r["image"] for r in records if r["case"] in val_cases for m in r["masks"]}
-    write_json_atomic(output / "image2label_train.json", train, indent=1)
-    write_json_atomic(output / "label2image_test.json", test, indent=1)
+    write_json_atomic(output / TRAIN_LAYOUT, train, indent=1)
+    write_json_atomic(output / TEST_LAYOUT, test, indent=1)
     return {
         "train_images": len(train),
         "train_masks": sum(len(v) for v in train.values()),

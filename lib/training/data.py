@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from lib.modeling.config import PIXEL_MEAN, PIXEL_STD
 from lib.serving.preprocessing import PolicyName, preprocess_image
 from lib.serving.prompts import largest_component_box
 
@@ -118,8 +119,8 @@ class SamMed2DDataset(Dataset):
         self,
         pairs: Sequence[tuple[Path, Sequence[Path]]],
         image_size: int = 256,
-        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
         masks_per_image: int = 5,
         seed: int = 0,
         cache: bool = True,
