@@ -35,6 +35,7 @@ from lib.io.volume_io import write_label, write_slice_label_nrrd
 from lib.serving.decoding import ServedDecoding
 from lib.serving.interactive import InteractiveSegmenter, Segmentation
 from lib.serving.prompt_inputs import InvalidRequestError, parse_prompts, parse_propagation
+from lib.serving.prompts import largest_component
 from lib.serving.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
 
 logger = logging.getLogger(__name__)
@@ -130,14 +131,9 @@ class KeepLargestComponentd:
         d = dict(data)
         if not parse_bool(d.get("largest_cc"), "largest_cc", default=False) or not d["pred"].any():
             return d
-        from scipy import ndimage
-
         views = d["pred"] if d["pred"].ndim == 3 else d["pred"][None]
         for k in np.flatnonzero(views.any(axis=(1, 2))):
-            components, count = ndimage.label(views[k], structure=np.ones((3, 3), dtype=bool))
-            if count > 1:
-                sizes = np.bincount(components.ravel())[1:]
-                views[k] = components == (int(np.argmax(sizes)) + 1)
+            views[k] = largest_component(views[k])
         return d
 
 

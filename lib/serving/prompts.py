@@ -73,19 +73,25 @@ class PromptRandom:
         return options[self.integer(0, len(options))]
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a ``(H, W)`` mask, as bool (an empty mask stays empty)."""
+    mask = np.asarray(mask) > 0
+    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    if count < 2:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
 def largest_component_box(mask: np.ndarray) -> np.ndarray:
     """Box ``(x0, y0, x1, y1)`` (max exclusive) around the largest 8-connected component of a ``(H, W)`` mask.
 
     An empty mask gives the whole image, so a caller never gets a degenerate box.
     """
-    mask = np.asarray(mask) > 0
+    mask = largest_component(mask)
     if not mask.any():
         h, w = mask.shape
         return np.array([0, 0, w, h], dtype=np.float32)
-    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    if count > 1:
-        sizes = np.bincount(labels.ravel())[1:]
-        mask = labels == (int(np.argmax(sizes)) + 1)
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
