@@ -77,6 +77,7 @@ from monailabel.utils.others.generic import strtobool  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
+from apps.sam_med2d.ohif_viewer import serve_viewer  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
 from lib.asgi_threads import ThreadedPaths  # noqa: E402
 from lib.config import SamMed2DConfig, resolve_config  # noqa: E402
@@ -353,6 +354,7 @@ class SamMed2DApp(MONAILabelApp):
         for error in (json.JSONDecodeError, MONAILabelException):
             server.app.add_exception_handler(error, _client_errors)
         server.app.add_exception_handler(StarletteHTTPException, _input_500s_as_400)
+        serve_viewer(server.app)  # at /ohif/, in place of MONAI Label's OHIF, when built
         threads = self.limits.request_threads
         wrap_running_app(server.app, lambda stack: HttpGuard(ThreadedPaths(stack, DIRECT_PATHS, threads), policy))
         self.upload_dir = _private_request_dir()
