@@ -37,7 +37,12 @@ BUILD = VIEWER_DIR / "build"  # the unpacked, rewritten viewer (git-ignored)
 STAMP = "sam-med2d-viewer.json"  # the pin the build was made from, inside BUILD
 PREFIX = "/ohif/"
 BUILT_PUBLIC_PATH = '__webpack_require__.p = "/";'
-MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json"}
+MEDIA_TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+}
 HOW_TO_BUILD = "make ohif (or .venv/bin/python -m apps.sam_med2d.ohif_viewer build; needs node and npm)"
 
 
@@ -150,7 +155,9 @@ def serve_viewer(app: Any, build: Path = BUILD, source: Path = SOURCE) -> bool:
     from starlette.routing import Route
 
     if not viewer_ready(build):
-        logger.warning("The SAM-Med2D OHIF viewer is not built; /ohif/ serves MONAI Label's. To build: %s", HOW_TO_BUILD)
+        logger.warning(
+            "The SAM-Med2D OHIF viewer is not built; /ohif/ serves MONAI Label's. To build: %s", HOW_TO_BUILD
+        )
         return False
 
     async def viewer_file(request: Any) -> Response:

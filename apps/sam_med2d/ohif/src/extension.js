@@ -71,7 +71,7 @@ function renderPanel(host, annotation) {
   const count = element('div', { 'data-cy': 'sam-med2d-mask' });
   const status = element('div', { class: 'status', role: 'status' });
   const review = element('button', { type: 'button', hidden: '' });
-  review.addEventListener('click', () => annotation.jumpToSlice(Number(review.dataset.slice)));
+  review.addEventListener('click', () => annotation.showImage(Number(review.dataset.image)));
   const save = element(
     'button',
     { type: 'button', class: 'primary', onClick: () => annotation.save(name.value.trim()) },
@@ -107,8 +107,8 @@ function renderPanel(host, annotation) {
     next.disabled = state.busy;
     review.hidden = state.reviewFirst === null || state.reviewFirst === undefined;
     if (!review.hidden) {
-      review.dataset.slice = state.reviewFirst;
-      review.textContent = `Review slice ${state.reviewFirst + 1} first`;
+      review.dataset.image = state.reviewFirst;
+      review.textContent = `Review image ${state.reviewFirst} first`;
     }
   });
 }

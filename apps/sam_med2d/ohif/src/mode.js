@@ -8,6 +8,7 @@ const MODE_ID = 'sam-med2d';
 // OHIF imports every key of a mode's `extensions` before the mode starts: ours is the module's address.
 const EXTENSION_MODULE = new URL('./extension.js', import.meta.url).pathname;
 const SEGMENTATION_MODE = '@ohif/mode-segmentation';
+const BASIC_MODE = '@ohif/mode-basic';
 
 // Cornerstone's Probe and RectangleROI tools under our names: they draw the prompts and leave annotations the
 // session reads. Their measurement text is hidden; foreground is green, background red, the box yellow.
@@ -24,7 +25,7 @@ const PROMPT_STYLES = {
 const TOOL_GROUPS = ['default', 'mpr'];
 
 async function modeFactory({ loadModules }) {
-  const [segmentationMode] = await loadModules([SEGMENTATION_MODE]);
+  const [segmentationMode, basicMode] = await loadModules([SEGMENTATION_MODE, BASIC_MODE]);
   const base = segmentationMode.modeInstance;
   const [route] = base.routes;
   const layout = route.layoutInstance;
@@ -44,8 +45,10 @@ async function modeFactory({ loadModules }) {
     ],
     extensions: { ...base.extensions, [EXTENSION_MODULE]: '^1.0.0' },
     toolGroupAdditions: Object.fromEntries(TOOL_GROUPS.map(group => [group, [{ passive: PROMPT_TOOLS }]])),
+    // The segmentation mode's own mode entry is the basic one plus a switch to the segmentation panel when the first
+    // segmentation appears, which would hide the prompt panel at the first mask: ours is the basic one alone.
     onModeEnter(context) {
-      base.onModeEnter.call(this, context);
+      basicMode.modeInstance.onModeEnter.call(this, context);
       const { style } = window.cornerstoneTools.annotation.config;
       TOOL_GROUPS.forEach(group => style.setToolGroupToolStyles(group, PROMPT_STYLES));
       startSession(context);

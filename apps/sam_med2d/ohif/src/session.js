@@ -162,6 +162,11 @@ export class AnnotationSession {
     return this.series;
   }
 
+  /** The number the viewport shows for the server's slice ``k`` (the viewer orders images its own way). */
+  imageNumber(k) {
+    return this.series.displaySet.imageIds.indexOf(this.series.slices[k]) + 1;
+  }
+
   /** Voxel ``[i, j]`` of a world point on an image: ``i`` across, ``j`` down. */
   pixel(imageId, world) {
     const [x, y] = window.cornerstone.utilities.worldToImageCoords(imageId, world);
@@ -249,7 +254,7 @@ export class AnnotationSession {
       throw new Error(await errorText(response));
     }
     const answer = await response.formData();
-    const result = JSON.parse(await answer.get('params').text());
+    const result = JSON.parse(answer.get('params')); // a plain form field; the label is a file part
     const label = parseNrrd(await answer.get('image').arrayBuffer());
     this.checkGeometry(label);
     const slices = result.propagation ? result.propagation.slices.map(s => s.slice) : [result.slice];
@@ -260,8 +265,8 @@ export class AnnotationSession {
       ...counted,
       busy: false,
       iou: result.iou,
-      reviewFirst: review === undefined || review === null ? null : review,
-      status: `Mask on slice ${result.slice + 1} (predicted IoU ${Number(result.iou).toFixed(2)}).`,
+      reviewFirst: review === undefined || review === null ? null : this.imageNumber(review),
+      status: `Mask on image ${this.imageNumber(result.slice)} (predicted IoU ${Number(result.iou).toFixed(2)}).`,
     });
   }
 
@@ -404,10 +409,11 @@ export class AnnotationSession {
     window.location.assign(`${window.location.pathname}?${query}`);
   }
 
-  jumpToSlice(k) {
-    const { viewportId, slices } = this.series;
+  /** Show image ``number`` (as the viewport numbers them) in the viewport. */
+  showImage(number) {
+    const { viewportId, displaySet } = this.series;
     const viewport = this.services.cornerstoneViewportService.getCornerstoneViewport(viewportId);
-    const index = viewport.getImageIds().indexOf(slices[k]);
+    const index = viewport.getImageIds().indexOf(displaySet.imageIds[number - 1]);
     window.cornerstone.utilities.jumpToSlice(viewport.element, { imageIndex: index });
   }
 }
