@@ -2,8 +2,9 @@
 headless Chromium against a real Orthanc and the real server, driven only by what an annotator sees and does: buttons,
 mouse clicks on the image, typing. No script runs in the page.
 
-Open the CT series in the SAM-Med2D mode, pick "Foreground point" and click on the liver (the mask appears), pick
-"Background point" and click a correction (the mask is refined), name the segment, "Save label", "Next series". Then:
+Open the study list, the CT study, its "SAM-Med2D" workflow; pick "Foreground point" and click on the liver (the mask
+appears), pick "Background point" and click a correction (the mask is refined), name the segment, "Save label", "Next
+series". Then:
 the SEG is in Orthanc for that series and decodes to the mask the panel showed (its voxel count, as OHIF's labelmap
 holds it, and the server's last answer voxel for voxel), the viewport showed it (segment-coloured pixels appeared in the
 image), the retraining scheduler started a run on that one new label (``--conf retrain_after_labels 1``), and "Next
@@ -91,7 +92,13 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
         orthanc.upload(ct_files + mr_files)
         ct = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
         mr = pydicom.dcmread(mr_files[0], stop_before_pixels=True)
-        yield orthanc, str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), str(mr.SeriesInstanceUID)
+        yield (
+            orthanc,
+            str(ct.StudyInstanceUID),
+            str(ct.SeriesInstanceUID),
+            str(ct.PatientName),
+            str(mr.SeriesInstanceUID),
+        )
     finally:
         orthanc.stop()
 
@@ -140,7 +147,7 @@ def _shown_voxels(page) -> int:
 def test_annotator_clicks_refines_names_saves_and_moves_on(server: str, pacs, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    orthanc, study, series, mr_series = pacs
+    orthanc, study, series, patient, mr_series = pacs
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     console: list[str] = []
     with sync_playwright() as p:
@@ -150,9 +157,13 @@ def test_annotator_clicks_refines_names_saves_and_moves_on(server: str, pacs, tm
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
 
-            # 1. open the CT series in the SAM-Med2D mode
-            page.goto(f"{server}/ohif/sam-med2d?StudyInstanceUIDs={study}&SeriesInstanceUIDs={series}")
+            # 1. the study list (the PACS through the server), the CT study, the SAM-Med2D workflow
+            page.goto(f"{server}/ohif/")
+            page.get_by_text(patient, exact=True).click(timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / "ohif_0_study_list.png"))
+            page.get_by_role("button", name="SAM-Med2D").click()
             page.get_by_text("(1/3)").wait_for(timeout=120_000)
+            assert f"StudyInstanceUIDs={study}" in page.url
             page.wait_for_load_state("networkidle", timeout=120_000)
             banner = page.get_by_text("Confirm and Hide")  # OHIF's first-visit notice
             if banner.is_visible():
@@ -188,11 +199,14 @@ def test_annotator_clicks_refines_names_saves_and_moves_on(server: str, pacs, tm
             assert after > before + 500, f"the mask is not drawn on the image ({before} -> {after} red pixels)"
             page.screenshot(path=str(ARTIFACTS / "ohif_3_correction_click.png"))
 
-            # 4. name the segment (OHIF's segmentation panel shows the name)
+            # 4. name the segment; OHIF's segmentation panel (its tab) lists it under that name
             name = page.get_by_label("Segment name")
             name.fill("liver")
             name.press("Enter")
+            page.locator('[data-cy="panelSegmentationWithToolsLabelMap-btn"]').click()
+            expect(page.get_by_text("liver", exact=True)).to_be_visible(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "ohif_4_named.png"))
+            page.locator('[data-cy="prompts-btn"]').click()
 
             # 5. save: the server stores a DICOM SEG of the series in the PACS
             with page.expect_response(lambda r: "/datastore/label" in r.url, timeout=120_000) as saved:
