@@ -31,7 +31,8 @@ const STYLE = `
 .sam-med2d { padding: 8px 10px; color: #d8dbe6; font-size: 13px; display: flex; flex-direction: column; gap: 10px; }
 .sam-med2d h3 { font-size: 14px; color: #fff; margin: 0; }
 .sam-med2d .sam-row { display: flex; gap: 6px; flex-wrap: wrap; align-items: center; }
-.sam-med2d button { background: #21264a; border: 1px solid #3a4170; color: #e8eaf6; border-radius: 4px; padding: 4px 9px; }
+.sam-med2d button { background: #21264a; border: 1px solid #3a4170; color: #e8eaf6; border-radius: 4px;
+  padding: 4px 9px; }
 .sam-med2d button:hover { background: #2f3666; }
 .sam-med2d button[aria-pressed="true"] { background: #4a5ad6; border-color: #7d8af0; }
 .sam-med2d button:disabled { opacity: 0.5; }
@@ -139,7 +140,13 @@ export default {
   id: EXTENSION_ID,
   getPanelModule() {
     return [
-      { name: 'prompts', iconName: 'tab-roi-threshold', iconLabel: 'SAM-Med2D', label: 'SAM-Med2D', component: PromptPanel },
+      {
+        name: 'prompts',
+        iconName: 'tab-roi-threshold',
+        iconLabel: 'SAM-Med2D',
+        label: 'SAM-Med2D',
+        component: PromptPanel,
+      },
     ];
   },
 };

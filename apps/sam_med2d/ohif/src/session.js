@@ -75,7 +75,7 @@ export class AnnotationSession {
       segmentationService.subscribe(segmentationService.EVENTS.SEGMENTATION_MODIFIED, () => this.changed({})),
       segmentationService.subscribe(segmentationService.EVENTS.SEGMENTATION_DATA_MODIFIED, ({ segmentationId }) => {
         if (segmentationId === this.segmentationId) {
-          this.changed(this.count());
+          this.recountSoon();
         }
       }),
       segmentationService.subscribe(segmentationService.EVENTS.SEGMENTATION_REMOVED, ({ segmentationId }) => {
@@ -94,6 +94,7 @@ export class AnnotationSession {
       eventTarget.removeEventListener(name, this.onAnnotation);
     }
     this.subscriptions?.forEach(s => s.unsubscribe());
+    clearTimeout(this.recountTimer);
     this.listeners.clear();
   }
 
@@ -117,6 +118,9 @@ export class AnnotationSession {
   onAnnotation(event) {
     const annotation = event.detail?.annotation;
     if (annotation && PROMPT_TOOLS.has(annotation.metadata?.toolName)) {
+      if (event.type === window.cornerstoneTools.Enums.Events.ANNOTATION_COMPLETED) {
+        this.promptedImageId = annotation.metadata.referencedImageId; // the slice to segment
+      }
       this.run();
     }
   }
@@ -157,6 +161,7 @@ export class AnnotationSession {
       );
       this.series = { displaySet, slices, plane, rows: first.rows, columns: first.columns };
       this.lastPrompts = null;
+      this.segmentationId = null; // another series: its own segmentation
     }
     this.series.viewportId = viewportId;
     return this.series;
@@ -180,7 +185,8 @@ export class AnnotationSession {
     if (!prompts.length) {
       return null;
     }
-    const latest = prompts[prompts.length - 1].metadata.referencedImageId;
+    const onImages = new Set(prompts.map(p => p.metadata.referencedImageId));
+    const latest = onImages.has(this.promptedImageId) ? this.promptedImageId : [...onImages].pop();
     const slice = series.slices.indexOf(latest);
     const params = { foreground: [], background: [], slice };
     for (const prompt of prompts.filter(p => p.metadata.referencedImageId === latest)) {
@@ -195,17 +201,17 @@ export class AnnotationSession {
       }
     }
     // The server refines its previous mask while the prompts only grow; anything else starts the mask afresh.
-    const signature = JSON.stringify(params);
     const previous = this.lastPrompts;
     const grows =
       previous &&
       previous.slice === slice &&
       JSON.stringify(previous.box) === JSON.stringify(params.box) &&
-      ['foreground', 'background'].every(k => JSON.stringify(params[k].slice(0, previous[k].length)) === JSON.stringify(previous[k]));
+      ['foreground', 'background'].every(
+        key => JSON.stringify(params[key].slice(0, previous[key].length)) === JSON.stringify(previous[key])
+      );
     this.lastPrompts = params;
     return {
       model: params.box ? 'sam_med2d_box' : 'sam_med2d_points',
-      signature,
       body: {
         ...params,
         reset: !grows,
@@ -264,7 +270,6 @@ export class AnnotationSession {
     this.changed({
       ...counted,
       busy: false,
-      iou: result.iou,
       reviewFirst: review === undefined || review === null ? null : this.imageNumber(review),
       status: `Mask on image ${this.imageNumber(result.slice)} (predicted IoU ${Number(result.iou).toFixed(2)}).`,
     });
@@ -322,6 +327,12 @@ export class AnnotationSession {
     }
     const { triggerSegmentationEvents } = window.cornerstoneTools.segmentation;
     triggerSegmentationEvents.triggerSegmentationDataModified(segmentationId);
+  }
+
+  /** Brush strokes modify the labelmap many times a second: count once they pause. */
+  recountSoon() {
+    clearTimeout(this.recountTimer);
+    this.recountTimer = setTimeout(() => this.changed(this.count()), 250);
   }
 
   count() {
@@ -387,7 +398,6 @@ export class AnnotationSession {
     this.changed({
       status: `Saved "${this.segmentName()}" as a DICOM SEG of this series in the PACS.`,
       busy: false,
-      saved: true,
     });
   }
 
