@@ -4,12 +4,12 @@ mouse clicks on the image, typing. No script runs in the page.
 
 Open the study list, the CT study, its "SAM-Med2D" workflow; pick "Foreground point" and click on the liver (the mask
 appears), pick "Background point" and click a correction (the mask is refined), name the segment, "Save label", "Next
-series". Then:
-the SEG is in Orthanc for that series and decodes to the mask the panel showed (its voxel count, as OHIF's labelmap
-holds it, and the server's last answer voxel for voxel), the viewport showed it (segment-coloured pixels appeared in the
-image), the retraining scheduler started a run on that one new label (``--conf retrain_after_labels 1``), and "Next
-series" opened the series ``/activelearning/sam_uncertainty`` suggests. A screenshot of every step is kept in
-``tests/artifacts/ohif_*.png`` (git-ignored).
+series", and there draw a box. Checked: the SEG is in Orthanc for that series and decodes to the mask the panel showed
+(its voxel count, as OHIF's labelmap holds it, and the server's last answer voxel for voxel), the viewport showed it
+(segment-coloured pixels appeared in the image), the retraining scheduler started a run on that one new label
+(``--conf retrain_after_labels 1``), "Next series" opened the series ``/activelearning/sam_uncertainty`` suggests and
+a box there is answered by the box model. A screenshot of every step is kept in ``tests/artifacts/ohif_*.png``
+(git-ignored).
 
 Needs Debian's ``chromium`` (through Playwright, no browser download), Orthanc with DICOMweb, the shared data and,
 once, node and npm to fetch the pinned viewer (``make ohif``); skips with the install command otherwise. The test
@@ -214,7 +214,6 @@ def test_annotator_clicks_refines_names_saves_and_moves_on(server: str, pacs, tm
             assert saved.value.status == 200, saved.value.text()
             expect(page.get_by_text('Saved "liver" as a DICOM SEG')).to_be_visible(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "ohif_5_saved.png"))
-            shutil.copyfile(ARTIFACTS / "ohif_5_saved.png", ARTIFACTS / "ohif_sam_med2d.png")
 
             # 6. the retraining scheduler counts the new label: with retrain_after_labels 1 it starts a run on it
             run = None
@@ -231,7 +230,26 @@ def test_annotator_clicks_refines_names_saves_and_moves_on(server: str, pacs, tm
             page.get_by_role("button", name="Next series").click()
             page.wait_for_url(re.compile(f"SeriesInstanceUIDs={re.escape(mr_series)}"), timeout=60_000)
             page.get_by_text(re.compile(r"\(1/\d+\)")).wait_for(timeout=120_000)
+            page.wait_for_load_state("networkidle", timeout=120_000)
             page.screenshot(path=str(ARTIFACTS / "ohif_6_next_series.png"))
+
+            # 8. there, a box: the box model answers and the mask shows in the panel
+            viewport = page.locator("[data-viewport-uid]").first
+            box = viewport.bounding_box()
+            page.get_by_role("button", name="Box").click()
+            x, y = box["x"] + 0.3 * box["width"], box["y"] + 0.3 * box["height"]
+            with page.expect_response(lambda r: "/infer/sam_med2d_box" in r.url, timeout=120_000) as boxed:
+                page.mouse.move(x, y)
+                page.mouse.down()
+                page.mouse.move(x + 0.2 * box["width"], y + 0.2 * box["height"], steps=10)
+                page.mouse.up()
+            assert boxed.value.status == 200, boxed.value.text()
+            sent = json.loads(boxed.value.request.post_data.split("\r\n\r\n", 1)[1].split("\r\n--", 1)[0])
+            (i1, j1, i2, j2) = sent["box"]
+            assert i1 < i2 and j1 < j2 and not sent["foreground"]
+            _, mr_mask = _answer_mask(boxed.value)
+            expect(page.get_by_text(f"Mask: {int(mr_mask.sum())} voxels on 1 slice")).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "ohif_7_box_on_next_series.png"))
         finally:
             page.screenshot(path=str(ARTIFACTS / "ohif_last_state.png"))
             browser.close()
