@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := datastore/demo
 PORT ?= 8000
 
-.PHONY: serve test lint format bench demo-datastore clean
+.PHONY: serve test lint format bench demo-datastore ohif clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo-datastore: $(STAMP)
 serve: demo-datastore
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/monailabel start_server --app apps/sam_med2d --studies $(DEMO) --host 127.0.0.1 --port $(PORT)
 
+# The OHIF viewer served at /ohif/ (pinned @ohif/app from npm + the SAM-Med2D mode); the OHIF test builds it too.
+ohif: $(STAMP)
+	$(PY) -m apps.sam_med2d.ohif_viewer build
+
 test: $(STAMP)
 	$(PY) -m pytest
 
@@ -34,4 +38,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_model
 
 clean:
-	rm -rf $(VENV) datastore
+	rm -rf $(VENV) datastore apps/sam_med2d/ohif/build

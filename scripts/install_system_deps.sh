@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System packages the DICOM tests and the PACS demo need: Orthanc with its DICOMweb plugin (a real PACS) and
-# Chromium (OHIF driven headless by Playwright). Debian/Ubuntu only; idempotent: installs only what is missing,
+# System packages the DICOM tests and the PACS demo need: Orthanc with its DICOMweb plugin (a real PACS), Chromium
+# (OHIF driven headless by Playwright) and npm (fetches the pinned OHIF viewer, apps/sam_med2d/ohif_viewer.py).
+# Debian/Ubuntu only; idempotent: installs only what is missing,
 # and does nothing (with a note) where apt-get is absent or the user is not root, so the tests that need these
 # binaries skip with their reason instead.
 set -euo pipefail
@@ -9,9 +10,10 @@ packages=()
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || packages+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || packages+=(orthanc-dicomweb)
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 
 if [ ${#packages[@]} -eq 0 ]; then
-    echo "system deps: orthanc, orthanc-dicomweb and chromium are installed"
+    echo "system deps: orthanc, orthanc-dicomweb, chromium and npm are installed"
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -78,6 +78,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 from apps.sam_med2d.activelearning import active_learning_scoring, active_learning_strategies  # noqa: E402
 from apps.sam_med2d.local_datastore import SafeLocalDatastore  # noqa: E402
 from apps.sam_med2d.monailabel_private import running_server_app, wrap_running_app  # noqa: E402
+from apps.sam_med2d.ohif_viewer import serve_viewer  # noqa: E402
 from apps.sam_med2d.retraining_scheduler import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
 from lib.common.settings import SettingError, conf_flag  # noqa: E402
@@ -348,6 +349,7 @@ class SamMed2DApp(MONAILabelApp):
         for error in (json.JSONDecodeError, MONAILabelException):
             app.add_exception_handler(error, _client_errors)
         app.add_exception_handler(StarletteHTTPException, _input_500s_as_400)
+        serve_viewer(app)  # at /ohif/, in place of MONAI Label's OHIF, when built
         threads = self.limits.request_threads
         wrap_running_app(app, lambda stack: HttpGuard(ThreadedPaths(stack, DIRECT_PATHS, threads), policy))
         self.upload_dir = _private_request_dir()
