@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 import tempfile
 import time
@@ -39,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_loop import trainer_validation  # noqa: E402
+from benchmarks.bench_training import write_small_config  # noqa: E402
 from lib.io.image_source import read_image  # noqa: E402
 from lib.loop.rest_annotator import RestAnnotator, infer_answer  # noqa: E402
 from lib.serving.interactive import InteractiveSegmenter  # noqa: E402
@@ -46,22 +49,25 @@ from lib.serving.model_store import ModelStore  # noqa: E402
 from lib.serving.prompt_inputs import PropagationRequest, parse_prompts  # noqa: E402
 from scripts.monailabel_server import server_log, start_server, stop_server  # noqa: E402
 
-GOLDEN = ROOT.parent / "shared" / "spec" / "golden_tiny"
 RESULTS = ROOT / "benchmarks" / "results"
 PICTURE = ROOT / "docs" / "images" / "propagation_mni152.png"
 VOLUME = "mni152_t1"
-MIN_IOUS = (0.0, 0.3, 0.5, 0.7)
+MIN_IOUS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+AREA_RATIOS = (1.5, 2.0, 3.0)
+# Thresholds whose tuning Dice is within this of the best are taken as equal; the highest of them is chosen (the walk
+# that stops soonest where the model doubts, for the same Dice).
+DICE_TIE = 0.005
 
 
 def mni152(folder: Path) -> tuple[Path, np.ndarray]:
-    """The T1 template as NIfTI in ``folder`` and the ``(K, J, I)`` white matter label (probability > 0.5)."""
+    """The T1 template as NIfTI in ``folder`` and the ``(K, J, I)`` brain mask (nilearn's MNI152 brain mask)."""
     from nilearn import datasets
 
     t1 = datasets.load_mni152_template(resolution=2)
-    wm = datasets.load_mni152_wm_template(resolution=2)
+    brain = datasets.load_mni152_brain_mask(resolution=2)
     path = folder / f"{VOLUME}.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(t1.get_fdata(), dtype=np.float32), t1.affine), path)
-    return path, np.asarray(wm.get_fdata()).transpose(2, 1, 0) > 0.5
+    return path, np.asarray(brain.get_fdata()).transpose(2, 1, 0) > 0.5
 
 
 def box_of(mask: np.ndarray) -> list[int]:
@@ -88,83 +94,122 @@ def infer_volume(url: str, params: dict) -> tuple[np.ndarray, dict]:
     return label, result
 
 
+def held_out_slabs(present: np.ndarray, slab: int) -> dict[str, list[int]]:
+    """Two slabs of ``2 * slab + 1`` slices never labelled: ``tune`` around the first third of the structure (where
+    the thresholds are chosen) and ``test`` around the second third (where the reported numbers start)."""
+    centres = {"tune": int(present[len(present) // 3]), "test": int(present[2 * len(present) // 3])}
+    return {name: [int(k) for k in present if abs(k - centre) <= slab] for name, centre in centres.items()}
+
+
 def quality(args: argparse.Namespace, work: Path) -> dict:
     studies = work / "studies"
     studies.mkdir()
     path, target = mni152(studies)
     source = read_image(path)
     present = np.flatnonzero(target.any(axis=(1, 2)))
-    middle = int(present[len(present) // 2])
-    train = [int(k) for k in present[::2] if abs(k - middle) > args.slab]
+    slabs = held_out_slabs(present, args.slab)
+    held = set(slabs["tune"]) | set(slabs["test"])
+    train = [int(k) for k in present if k not in held]
     for k in present:
         Image.fromarray(source.view(int(k))[:, :, 0]).save(studies / f"mni_z{k:03d}.png")
-    conf = {
-        "model": GOLDEN / "meta.json",
-        "checkpoint": GOLDEN / "weights.pth",
-        "model_dir": work / "model",
-        "download": "false",
-        "device": "cpu",
-    }
-    url = start_server("apps/sam_med2d", studies, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    model_dir = work / "model"
+    conf = {"model": write_small_config(work / "small.json"), "model_dir": model_dir, "download": "false"}
+    url = start_server(
+        "apps/sam_med2d", studies, {**conf, "device": "cpu"}, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    )
     try:
         annotator = RestAnnotator(url)
         for k in train:
             annotator.save_label(f"mni_z{k:03d}", target[k])
-        params = {"max_epochs": args.epochs, "lr": 1e-3, "val_split": 0.2, "train_batch_size": 4}
+        params = {"max_epochs": args.epochs, "lr": args.lr, "val_split": 0.2}
         start = time.perf_counter()
         response = requests.post(f"{url}/train/sam_med2d?run_sync=true", json=params, timeout=3600)
         if response.status_code != 200:
             raise RuntimeError(f"training failed: {response.text[:500]}\n{server_log(url)[-3000:]}")
         train_seconds = time.perf_counter() - start
-
-        result = evaluate(url, source, target, middle, args.slab)
+        result = evaluate(url, source, target, slabs)
     finally:
         stop_server(url)
-    return {"train_slices": len(train), "train_seconds": round(train_seconds, 1), **result}
+    return {
+        "train_slices": train,
+        "train_params": params,
+        "train_seconds": round(train_seconds, 1),
+        "trainer_validation": trainer_validation(model_dir),
+        **result,
+    }
 
 
-def evaluate(url: str, source, target: np.ndarray, middle: int, slab: int) -> dict:
-    """Ceiling, floor and propagation (for each of :data:`MIN_IOUS`) on the served model; draws the picture."""
+def walk(url: str, target: np.ndarray, start: int, name: str, **settings: float) -> tuple[np.ndarray, dict]:
+    """One ground-truth box on ``start`` with ``propagate: both`` (server defaults unless ``settings`` say)."""
+    params = {"box": box_of(target[start]), "slice": start, "reset": True, "client_id": name, "propagate": "both"}
+    return infer_volume(url, {**params, **{f"propagate_{key}": value for key, value in settings.items()}})
+
+
+def sweep(url: str, target: np.ndarray, start: int, name: str) -> list[dict]:
+    """3D Dice of the walk from ``start`` for every ``propagate_min_iou`` x ``propagate_max_area_ratio``."""
+    rows = []
+    for ratio in AREA_RATIOS:
+        for min_iou in MIN_IOUS:
+            label, result = walk(url, target, start, f"{name}{min_iou}x{ratio}", min_iou=min_iou, max_area_ratio=ratio)
+            rows.append(
+                {
+                    "min_iou": min_iou,
+                    "max_area_ratio": ratio,
+                    "dice": dice(label, target),
+                    "slices": len(result["propagation"]["slices"]),
+                    "stops": [(s["direction"], s["reason"], s["slice"]) for s in result["propagation"]["stops"]],
+                }
+            )
+    return rows
+
+
+def choose(rows: list[dict]) -> dict:
+    """The tuning row with the best 3D Dice; among rows within :data:`DICE_TIE` of it, the highest ``min_iou``, then
+    the smallest area ratio (both: stop soonest for the same Dice)."""
+    best = max(row["dice"] for row in rows)
+    near = [row for row in rows if row["dice"] >= best - DICE_TIE]
+    return max(near, key=lambda row: (row["min_iou"], -row["max_area_ratio"]))
+
+
+def evaluate(url: str, source, target: np.ndarray, slabs: dict[str, list[int]]) -> dict:
+    """Ceiling and floor; the threshold sweep from the middle of the tuning slab, the choice it makes; propagation
+    with that choice (and with the server's defaults) from the middle of the test slab; the picture."""
     present = np.flatnonzero(target.any(axis=(1, 2)))
     ceiling = np.zeros_like(target)
     for k in present:
         mask, _ = infer_volume(url, {"box": box_of(target[k]), "slice": int(k), "client_id": f"c{k}"})
         ceiling[k] = mask[k]
-    first = {"box": box_of(target[middle]), "slice": middle, "reset": True}
-    floor, _ = infer_volume(url, {**first, "client_id": "floor"})
-    walks = {}
-    for min_iou in MIN_IOUS:
-        label, result = infer_volume(
-            url, {**first, "client_id": f"walk{min_iou}", "propagate": "both", "propagate_min_iou": min_iou}
-        )
-        walks[min_iou] = (label, result["propagation"])
-    default = walks[0.5]
-    plot(source, target, default[0], ceiling, default[1], middle)
-    held = [k for k in present if abs(k - middle) <= slab]
+    starts = {name: slices[len(slices) // 2] for name, slices in slabs.items()}
+    tuning = sweep(url, target, starts["tune"], "tune")
+    chosen = choose(tuning)
+    settings = {"min_iou": chosen["min_iou"], "max_area_ratio": chosen["max_area_ratio"]}
+    test = starts["test"]
+    floor, _ = infer_volume(url, {"box": box_of(target[test]), "slice": test, "reset": True, "client_id": "floor"})
+    propagated, result = walk(url, target, test, "test", **settings)
+    served_defaults, defaults_result = walk(url, target, test, "defaults")
+    plot(source, target, propagated, ceiling, result["propagation"], test)
+    slab = slabs["test"]
+    rows = {
+        "ceiling (GT box every slice)": ceiling,
+        "propagation (one box, chosen)": propagated,
+        "propagation (one box, server defaults)": served_defaults,
+        "floor (one slice)": floor,
+    }
     return {
         "structure_slices": [int(present[0]), int(present[-1])],
-        "start_slice": middle,
-        "dice": {
-            "ceiling (GT box every slice)": dice(ceiling, target),
-            "propagation (one box, default)": dice(default[0], target),
-            "floor (one slice)": dice(floor, target),
-        },
-        "dice_held_out_slab": {
-            "ceiling (GT box every slice)": dice(ceiling[held], target[held]),
-            "propagation (one box, default)": dice(default[0][held], target[held]),
-            "floor (one slice)": dice(floor[held], target[held]),
-        },
-        "min_iou_sweep": [
-            {
-                "min_iou": m,
-                "dice": dice(label, target),
-                "slices": len(p["slices"]),
-                "stops": [(s["direction"], s["reason"], s["slice"]) for s in p["stops"]],
-                "review_first": p["review_first"],
-            }
-            for m, (label, p) in walks.items()
+        "held_out": slabs,
+        "start_slices": starts,
+        "chosen": settings,
+        "server_defaults": {k: defaults_result["propagation"][k] for k in ("min_iou", "max_area_ratio")},
+        "dice": {name: dice(label, target) for name, label in rows.items()},
+        "dice_test_slab": {name: dice(label[slab], target[slab]) for name, label in rows.items()},
+        "stops": result["propagation"]["stops"],
+        "review_first": result["propagation"]["review_first"],
+        "tuning_sweep": tuning,
+        "test_sweep": sweep(url, target, test, "test"),
+        "per_slice": [
+            {**s, "dice": dice(propagated[s["slice"]], target[s["slice"]])} for s in result["propagation"]["slices"]
         ],
-        "per_slice": [{**s, "dice": dice(default[0][s["slice"]], target[s["slice"]])} for s in default[1]["slices"]],
     }
 
 
@@ -196,7 +241,7 @@ def plot(source, target: np.ndarray, label: np.ndarray, ceiling: np.ndarray, pro
     ax.axvline(middle, color="gray", linewidth=0.6)
     ax.set_xlabel("slice k")
     ax.legend(fontsize=7)
-    fig.suptitle("MNI152 white matter: red = propagated from one box on the start slice, green = ground truth")
+    fig.suptitle("MNI152 brain mask: red = propagated from one box on the start slice, green = ground truth")
     fig.tight_layout()
     PICTURE.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PICTURE, dpi=90)
@@ -224,21 +269,32 @@ def vit_b_speed(slices: int, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--slab", type=int, default=6, help="held-out slices each side of the start slice")
-    parser.add_argument("--vit-b-slices", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--slab", type=int, default=5, help="held-out slab: slices each side of its middle")
+    parser.add_argument("--vit-b-slices", type=int, default=6, help="0: skip the ViT-B speed measurement")
     args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")  # the server's threads (training and inference)
     work = Path(tempfile.mkdtemp(prefix="bench_propagation_"))
-    speed = vit_b_speed(args.vit_b_slices, work)
-    print(f"ViT-B, 2 threads, CPU: {speed['seconds_per_slice']} s per propagated slice over {speed['slices']} slices")
-    results = {"vit_b_speed": speed, "quality": quality(args, work)}
-    q = results["quality"]
-    print(f"\nMNI152 white matter, start slice {q['start_slice']}, trained on {q['train_slices']} slices")
-    print(f"{'3D Dice':34s} {'whole structure':>16s} {'held-out slab':>14s}")
+    results: dict = {"args": vars(args)}
+    if args.vit_b_slices:
+        speed = results["vit_b_speed"] = vit_b_speed(args.vit_b_slices, work)
+        print(f"ViT-B, 2 threads, CPU: {speed['seconds_per_slice']} s per propagated slice ({speed['slices']} slices)")
+    start = time.perf_counter()
+    q = results["quality"] = quality(args, work)
+    results["quality_seconds"] = round(time.perf_counter() - start, 1)
+    print(f"\nMNI152 brain mask (slices {q['structure_slices']}), held out {q['held_out']}")
+    print(f"trained on {len(q['train_slices'])} slices in {q['train_seconds']} s; trainer: {q['trainer_validation']}")
+    print(f"chosen on the tuning slab (start {q['start_slices']['tune']}): {q['chosen']}")
+    print(f"\nfrom one box on slice {q['start_slices']['test']} (test slab)")
+    print(f"{'3D Dice':40s} {'whole structure':>16s} {'test slab':>10s}")
     for name, value in q["dice"].items():
-        print(f"{name:34s} {value:16.3f} {q['dice_held_out_slab'][name]:14.3f}")
-    print(f"\n{'propagate_min_iou':>18s} {'3D Dice':>8s} {'slices':>7s}  stops")
-    for row in q["min_iou_sweep"]:
-        print(f"{row['min_iou']:18.1f} {row['dice']:8.3f} {row['slices']:7d}  {row['stops']}")
+        print(f"{name:40s} {value:16.3f} {q['dice_test_slab'][name]:10.3f}")
+    for title, rows in (("tuning", q["tuning_sweep"]), ("test", q["test_sweep"])):
+        print(f"\n{title} sweep\n{'min_iou':>8s} {'ratio':>6s} {'3D Dice':>8s} {'slices':>7s}  stops")
+        for row in rows:
+            settings = f"{row['min_iou']:8.1f} {row['max_area_ratio']:6.1f}"
+            print(f"{settings} {row['dice']:8.3f} {row['slices']:7d}  {row['stops']}")
+    print(f"\nquality part: {results['quality_seconds']} s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_propagation.json").write_text(json.dumps(results, indent=1, default=float))
     return 0
