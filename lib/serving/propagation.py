@@ -36,10 +36,10 @@ from lib.serving.prompt_inputs import PropagationRequest
 from lib.serving.prompts import interior_clicks
 
 # The highest threshold that kept the best 3D Dice on both MNI152 tuning walks (brain mask, white matter; the sweep
-# and the choice are in docs/propagation.md): there 0.6 cut the white matter walk after 6 slices, 0.5 only its last.
+# and the choice are in docs/propagation.md): there 0.6 cut the white matter walk after 6 slices, 0.5 changed nothing.
 DEFAULT_MIN_IOU = 0.5
-# Adjacent slices of one structure rarely change area by more than 2x; a leak into a neighbour does. On MNI152 a
-# ratio of 3 gained at most 0.005 Dice (tiny last slices), not worth a looser guard against leaks.
+# Adjacent slices of one structure rarely change area by more than 2x; a leak into a neighbour does. On MNI152, 1.5
+# stopped the white matter walk halfway and 3 gained at most 0.001 Dice (tiny last slices): not worth a looser guard.
 AREA_JUMP_RATIO = 2.0
 # Slices encoded together in one encoder batch as a direction walks (a batch of 4 ViT-B views costs about 0.6 of
 # four single ones on 2 CPU cores, less on a GPU); at most this many minus one are encoded beyond where it stops.
