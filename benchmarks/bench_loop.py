@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_training import HC18, RESULTS, SMALL, hc18_split  # noqa: E402
+from benchmarks.bench_training import HC18, RESULTS, hc18_split, write_small_config  # noqa: E402
 from lib.loop.rest_annotator import RestAnnotator  # noqa: E402
 from scripts.monailabel_server import server_log, start_server, stop_server  # noqa: E402
 
@@ -89,11 +89,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     studies.mkdir()
     for image, _ in pool + held:
         (studies / image.name).symlink_to(image)
-    config = work / "small.json"
-    config.write_text(json.dumps({"config": SMALL.__dict__}, default=list))
     model_dir = work / "model"
     conf = {
-        "model": config,
+        "model": write_small_config(work / "small.json"),
         "model_dir": model_dir,
         "download": "false",
         "device": "cpu",

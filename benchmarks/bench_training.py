@@ -46,6 +46,12 @@ REFERENCE_IMAGES_PER_SECOND = 0.76
 REFERENCE_DICE = {1: (0.674, 0.577, 0.671), 3: (0.762, 0.829, 0.836), 5: (0.874, 0.871, 0.900)}
 
 
+def write_small_config(path: Path) -> Path:
+    """:data:`SMALL` as a ``--conf model`` JSON file (the server builds it from its seeded initialisation)."""
+    path.write_text(json.dumps({"config": SMALL.__dict__}, default=list))
+    return path
+
+
 def hc18_split(held_out: int = 40, seed: int = 0) -> tuple[list, list]:
     """HC18 pairs split by subject (the numeric file prefix) into training and held-out lists."""
     images = sorted((HC18 / "images").glob("*.png"))

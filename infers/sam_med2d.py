@@ -200,6 +200,8 @@ class SamMed2DInfer(BasicInferTask):
     def info(self) -> dict[str, Any]:
         d = super().info()
         d["first_prompt"] = self.first_prompt
+        # What a request with ``propagate`` gets when it does not name these (chosen on MNI152: docs/propagation.md).
+        d["propagation_defaults"] = {"propagate_min_iou": DEFAULT_MIN_IOU, "propagate_max_area_ratio": AREA_JUMP_RATIO}
         if self.info_extra is not None:
             d.update(self.info_extra())
         return d

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import SimpleITK as sitk  # noqa: N813
 from PIL import Image
 
 from lib.io.dicom_seg import read_seg, read_series
-from lib.serving.propagation import STOP_REASONS
+from lib.serving.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU, STOP_REASONS
 from scripts.monailabel_server import server_log, start_server, stop_server
 from tests.conftest import golden_conf
 from tests.test_app_server import infer, read_label_file
@@ -134,6 +135,17 @@ def test_dcmqi_ct_propagates_from_a_box_on_its_seg(server: str, dcmqi_ct: Path, 
     slices = check_answer(result, label)
     assert sorted(slices) == [0, 1, 2]
     assert [s["reason"] for s in result["propagation"]["stops"]] == ["volume_end", "volume_end"]
+
+
+def test_a_walk_without_thresholds_uses_the_defaults_info_names(server: str) -> None:
+    defaults = {"propagate_min_iou": DEFAULT_MIN_IOU, "propagate_max_area_ratio": AREA_JUMP_RATIO}
+    info = requests.get(f"{server}/info/", timeout=60).json()
+    assert all(info["models"][m]["propagation_defaults"] == defaults for m in ("sam_med2d_points", "sam_med2d_box"))
+    params = {"box": [30, 30, 90, 70], "slice": 15, "propagate": "both", "propagate_slices": 1, "client_id": "d"}
+    status, result, _, _ = infer(server, "sam_med2d_box", CT, params)
+    assert status == 200, result
+    used = result["propagation"]
+    assert (used["min_iou"], used["max_area_ratio"]) == (DEFAULT_MIN_IOU, AREA_JUMP_RATIO)
 
 
 @pytest.mark.parametrize(
