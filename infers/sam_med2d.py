@@ -28,13 +28,13 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.common.settings import parse_bool
+from lib.common.settings import RequestError, parse_bool
 from lib.guard.limits import Limits
 from lib.io.image_source import ImageReadError, picture_affine
 from lib.io.volume_io import write_label, write_slice_label_nrrd
 from lib.serving.decoding import ServedDecoding
 from lib.serving.interactive import InteractiveSegmenter, Segmentation
-from lib.serving.prompt_inputs import InvalidRequestError, parse_prompts, parse_propagation
+from lib.serving.prompt_inputs import parse_prompts, parse_propagation
 from lib.serving.prompts import largest_component
 from lib.serving.propagation import AREA_JUMP_RATIO, DEFAULT_MIN_IOU
 
@@ -58,15 +58,13 @@ class LoadImageSourced:
         d = dict(data)
         path = d.get(self.key)
         if not isinstance(path, str) or not path:
-            raise InvalidRequestError("unknown image: it is neither in the datastore nor a file on the server", 404)
+            raise RequestError("unknown image: it is neither in the datastore nor a file on the server", 404)
         if not os.path.exists(path):
-            raise InvalidRequestError(f"unknown image {os.path.basename(path)!r}: no such file on the server", 404)
+            raise RequestError(f"unknown image {os.path.basename(path)!r}: no such file on the server", 404)
         try:
             d["image_source"], d["image_in_memory"] = self.segmenter().source(path)
         except ImageReadError as exc:
-            raise InvalidRequestError(
-                f"unreadable image: {exc}" if exc.status == 422 else str(exc), exc.status
-            ) from exc
+            raise RequestError(f"unreadable image: {exc}" if exc.status == 422 else str(exc), exc.status) from exc
         return d
 
 
@@ -85,7 +83,7 @@ class ReadPromptsd:
         for key in ("client_id", "label"):  # kept as keys of the interaction state, so bounded like it
             value = d.get(key)
             if value is not None and len(str(value)) > self.limits.id_chars:
-                raise InvalidRequestError(
+                raise RequestError(
                     f"{key} has {len(str(value))} characters; the server accepts {self.limits.id_chars} "
                     "(--conf max_id_chars)"
                 )
@@ -110,14 +108,14 @@ def result_format(request: dict[str, Any], is_volume: bool, has_geometry: bool =
     ext = str(request.get("result_extension") or (".nii.gz" if is_volume or has_geometry else ".png")).lower()
     ext = ext if ext.startswith(".") else "." + ext
     if ext not in PICTURE_RESULTS + VOLUME_RESULTS:
-        raise InvalidRequestError(f"result_extension {ext!r} is not supported; use .png, .nrrd, .nii.gz or .nii")
+        raise RequestError(f"result_extension {ext!r} is not supported; use .png, .nrrd, .nii.gz or .nii")
     if ext in PICTURE_RESULTS and is_volume:
-        raise InvalidRequestError(f"result_extension {ext!r} cannot hold a volume; use .nrrd or .nii.gz")
+        raise RequestError(f"result_extension {ext!r} cannot hold a volume; use .nrrd or .nii.gz")
     dtype_name = str(request.get("result_dtype") or "uint8").lower()
     if dtype_name not in RESULT_DTYPES:
-        raise InvalidRequestError(f"result_dtype {dtype_name!r} is not supported; use one of {sorted(RESULT_DTYPES)}")
+        raise RequestError(f"result_dtype {dtype_name!r} is not supported; use one of {sorted(RESULT_DTYPES)}")
     if ext in PICTURE_RESULTS and dtype_name not in ("uint8", "uint16"):
-        raise InvalidRequestError(f"result_dtype {dtype_name!r} cannot be written as {ext}; use uint8 or uint16")
+        raise RequestError(f"result_dtype {dtype_name!r} cannot be written as {ext}; use uint8 or uint16")
     # Volumes answer gzip-compressed unless the client says otherwise (a 512x512x300 label is 75 MB raw).
     compress = bool(parse_bool(request.get("result_compress"), "result_compress", default=is_volume))
     return ext, np.dtype(RESULT_DTYPES[dtype_name]), compress

@@ -12,13 +12,14 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 from PIL import Image
 
+from lib.common.settings import RequestError
 from lib.io.image_source import ImageReadError, read_image, to_uint8
 from lib.io.volume_io import read_nrrd, write_label, write_slice_label_nrrd
 from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.interactive import InteractiveSegmenter
 from lib.serving.model_store import ModelStore
-from lib.serving.prompt_inputs import InvalidRequestError, parse_prompts
+from lib.serving.prompt_inputs import parse_prompts
 
 
 def test_slicer_roi_pairs_in_any_order_and_slice_from_roi() -> None:
@@ -58,7 +59,7 @@ def test_clicks_give_the_slice_and_multimask_is_the_default_for_every_prompt() -
     ],
 )
 def test_bad_prompts_name_the_problem(request_: dict, message: str) -> None:
-    with pytest.raises(InvalidRequestError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
         parse_prompts(request_, (10, 10), 8)
     assert info.value.status == 400
 

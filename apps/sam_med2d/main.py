@@ -81,9 +81,9 @@ from apps.sam_med2d.monailabel_private import running_server_app, wrap_running_a
 from apps.sam_med2d.ohif_viewer import serve_viewer  # noqa: E402
 from apps.sam_med2d.retraining_scheduler import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
-from lib.common.settings import SettingError, conf_flag  # noqa: E402
+from lib.common.settings import RequestError, SettingError, conf_flag  # noqa: E402
 from lib.guard.asgi_threads import ThreadedPaths  # noqa: E402
-from lib.guard.http import GuardPolicy, HttpGuard, RequestRefusedError  # noqa: E402
+from lib.guard.http import GuardPolicy, HttpGuard  # noqa: E402
 from lib.guard.limits import Limits  # noqa: E402
 from lib.guard.train_request import check_train_params  # noqa: E402
 from lib.io.published_weights import (  # noqa: E402
@@ -371,7 +371,7 @@ class SamMed2DApp(MONAILabelApp):
             return
         for name, task_params in (params or {}).items() if isinstance(params, dict) else [("", params)]:
             if name not in self._trainers:
-                raise RequestRefusedError(f"POST /train/ takes {{model: params}}; {name!r} is not a training task")
+                raise RequestError(f"POST /train/ takes {{model: params}}; {name!r} is not a training task", 422)
             check_train_params(task_params, self._trainers[name].config())
 
     def _start_retraining(self) -> None:
@@ -445,7 +445,7 @@ class SamMed2DApp(MONAILabelApp):
                 raise HTTPException(404, f"unknown image {image[:200]!r}: not in the datastore")
         try:
             return super().infer(request, datastore)
-        except SettingError as exc:  # InvalidRequestError carries its own 4xx
+        except SettingError as exc:  # a RequestError carries its own 4xx
             raise HTTPException(getattr(exc, "status", 400), str(exc)) from exc
         except MONAILabelException as exc:
             if exc.error == MONAILabelError.INVALID_INPUT:

@@ -20,6 +20,14 @@ class SettingError(ValueError):
     """A setting or parameter with a value of the wrong kind; the message names it and what it accepts."""
 
 
+class RequestError(SettingError):
+    """A request the server answers with ``status`` (a 4xx) and a message that names the problem."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def parse_bool(value: Any, name: str, default: bool | None = None, allow_auto: bool = False) -> bool | None:
     """A boolean from a JSON value or a string.
 

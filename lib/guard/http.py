@@ -9,7 +9,7 @@
 - Body bound: a body over ``max_body_bytes`` is refused with 413 from its ``Content-Length`` before it is read; a
   body without a length (chunked) is refused with 411, so the bound holds without buffering.
 - Body checks: ``body_checks`` maps a path prefix to a function that inspects a (small) JSON body and raises
-  :class:`RequestRefusedError`; the body is read once (at most 1 MB), checked, and replayed to the endpoint.
+  :class:`RequestError`; the body is read once (at most 1 MB), checked, and replayed to the endpoint.
 
 Nothing here imports the server; ``apps/sam_med2d/monailabel_private.py`` puts it in front of the running app.
 """
@@ -22,6 +22,8 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from lib.common.settings import RequestError
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -30,14 +32,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_CHECKED_BODY = 2**20
 HEALTH_PATHS = ("/info", "/info/")
-
-
-class RequestRefusedError(ValueError):
-    """A request refused before it reaches an endpoint; ``status`` is the HTTP status (4xx)."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +96,7 @@ class HttpGuard:
             if check is not None:
                 try:
                     receive = await _checked_body(path, receive, check, int(length or 0))
-                except RequestRefusedError as exc:
+                except RequestError as exc:
                     await _answer(send, exc.status, str(exc))
                     return
         await self.app(scope, receive, send)
@@ -121,19 +115,19 @@ class HttpGuard:
 async def _checked_body(path: str, receive: Receive, check: Callable[[str, Any], None], length: int) -> Receive:
     """Read the whole (small) body, check it, and return a ``receive`` that replays it."""
     if length > MAX_CHECKED_BODY:
-        raise RequestRefusedError(f"request body over {MAX_CHECKED_BODY // 1024} KB", 413)
+        raise RequestError(f"request body over {MAX_CHECKED_BODY // 1024} KB", 413)
     body = b""
     more = True
     while more:
         message = await receive()
         if message["type"] != "http.request":
-            raise RequestRefusedError("the client went away", 400)
+            raise RequestError("the client went away", 400)
         body += message.get("body", b"")
         more = message.get("more_body", False)
     try:
         payload = json.loads(body) if body.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestRefusedError(f"the body is not JSON: {exc}") from exc
+        raise RequestError(f"the body is not JSON: {exc}", 422) from exc
     check(path, payload)
     sent = False
 

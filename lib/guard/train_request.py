@@ -15,8 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lib.common.settings import SettingError, parse_bool, parse_number
-from lib.guard.http import RequestRefusedError
+from lib.common.settings import RequestError, SettingError, parse_bool, parse_number
 
 # Numeric keys and the values a request may give them (inclusive). The learning rate goes far above any useful
 # value on purpose: a diverging run is harmless (the promotion gate keeps it from being served) and tests use one.
@@ -55,19 +54,19 @@ def check_train_params(params: Any, config: Mapping[str, Any]) -> None:
         config: the train task's config (``TrainTask.config()``, what Slicer shows); its list values are choices.
 
     Raises:
-        RequestRefusedError: 422 naming the key and what it accepts.
+        RequestError: 422 naming the key and what it accepts.
     """
     if params is None:
         return
     if not isinstance(params, Mapping):
-        raise RequestRefusedError(f"training parameters must be a JSON object, got {type(params).__name__}")
+        raise RequestError(f"training parameters must be a JSON object, got {type(params).__name__}", 422)
     choices = {**CHOICES, **{k: tuple(v) for k, v in config.items() if isinstance(v, list)}}
     for key, value in params.items():
         # MONAI Label's config lists its default first and clients may send the list back: its first value counts.
         single = value[0] if isinstance(value, list) and value and key not in NUMBER_LISTS else value
         if key in choices:
             if single not in choices[key]:
-                raise RequestRefusedError(f"training parameter {key}={value!r} is not one of {list(choices[key])}")
+                raise RequestError(f"training parameter {key}={value!r} is not one of {list(choices[key])}", 422)
         elif key in FLAGS:
             _check(parse_bool, single, f"training parameter {key}")
         elif key in NUMBERS:
@@ -76,18 +75,19 @@ def check_train_params(params: Any, config: Mapping[str, Any]) -> None:
         elif key in NUMBER_LISTS:
             items = [v for v in value.replace(" ", "").split(",") if v] if isinstance(value, str) else value
             if not isinstance(items, list) or not 1 <= len(items) <= 16:
-                raise RequestRefusedError(f"training parameter {key}={value!r} must be 1 to 16 integers like [1, 3]")
+                raise RequestError(f"training parameter {key}={value!r} must be 1 to 16 integers like [1, 3]", 422)
             for item in items:
                 low, high = NUMBER_LISTS[key]
                 _check(parse_number, item, f"training parameter {key}", integer=True, low=low, high=high)
         elif key == "gpus":
             if not isinstance(single, str) or not _GPUS.fullmatch(single):
-                raise RequestRefusedError(f"training parameter gpus={value!r} must be 'all' or device numbers ('0,1')")
+                raise RequestError(f"training parameter gpus={value!r} must be 'all' or device numbers ('0,1')", 422)
         else:
             accepted = sorted({*choices, *FLAGS, *NUMBERS, *NUMBER_LISTS, "gpus"})
-            raise RequestRefusedError(
+            raise RequestError(
                 f"training parameter {key!r} is not accepted; accepted: {', '.join(accepted)} "
-                "(a different starting checkpoint is the server's --conf train_checkpoint)"
+                "(a different starting checkpoint is the server's --conf train_checkpoint)",
+                422,
             )
 
 
@@ -95,4 +95,4 @@ def _check(parse: Callable[..., Any], value: Any, name: str, **kwargs: Any) -> N
     try:
         parse(value, name, **kwargs)
     except SettingError as err:
-        raise RequestRefusedError(str(err)) from None
+        raise RequestError(str(err), 422) from None

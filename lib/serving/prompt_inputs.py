@@ -24,7 +24,7 @@ The request schema is described for users in ``docs/prompts.md``. In short:
     interaction state: the previous mask of the same client, image, slice and label is the next mask prompt unless
     ``reset`` is true.
 
-Errors raise :class:`InvalidRequestError` with an HTTP-like status and a message that names the problem.
+Errors raise :class:`RequestError` with an HTTP-like status and a message that names the problem.
 """
 
 from __future__ import annotations
@@ -35,16 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from lib.common.settings import SettingError, parse_bool, parse_number
+from lib.common.settings import RequestError, parse_bool, parse_number
 from lib.guard.limits import Limits
-
-
-class InvalidRequestError(SettingError):
-    """A request the server cannot honour; ``status`` is the HTTP status to answer with (4xx)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +67,9 @@ def _as_list(value: Any, name: str) -> list[Any]:
     if value is None:
         return []
     if isinstance(value, str):
-        raise InvalidRequestError(f"{name} must be a JSON list, got a string {value!r}")
+        raise RequestError(f"{name} must be a JSON list, got a string {value!r}")
     if not isinstance(value, Sequence):
-        raise InvalidRequestError(f"{name} must be a list, got {type(value).__name__}")
+        raise RequestError(f"{name} must be a list, got {type(value).__name__}")
     return list(value)
 
 
@@ -88,16 +80,16 @@ def parse_window(value: Any) -> tuple[float, float] | None:
     if isinstance(value, Mapping):
         level = value.get("level", value.get("center"))
         if level is None or "width" not in value:
-            raise InvalidRequestError("window as an object needs 'level' (or 'center') and 'width'")
+            raise RequestError("window as an object needs 'level' (or 'center') and 'width'")
         level, width = parse_number(level, "window level"), parse_number(value["width"], "window width")
         low, high = level - width / 2, level + width / 2
     else:
         items = _as_list(value, "window")
         if len(items) != 2:
-            raise InvalidRequestError(f"window must be [low, high], got {value!r}")
+            raise RequestError(f"window must be [low, high], got {value!r}")
         low, high = parse_number(items[0], "window low"), parse_number(items[1], "window high")
     if not high > low:
-        raise InvalidRequestError(f"window [low, high] must have high > low, got [{low}, {high}]")
+        raise RequestError(f"window [low, high] must have high > low, got [{low}, {high}]")
     return low, high
 
 
@@ -105,9 +97,7 @@ def parse_slice(value: Any, num_slices: int) -> int | None:
     """``slice`` as an index ``k`` of a volume with ``num_slices`` slices; ``None`` when absent or negative."""
     k = _slice_number(value)
     if k is not None and k >= num_slices:
-        raise InvalidRequestError(
-            f"slice {k} is out of range: the volume has {num_slices} slices (0..{num_slices - 1})"
-        )
+        raise RequestError(f"slice {k} is out of range: the volume has {num_slices} slices (0..{num_slices - 1})")
     return k
 
 
@@ -116,7 +106,7 @@ def _slice_number(value: Any) -> int | None:
         return None
     k = parse_number(value, "slice")
     if k != int(k):
-        raise InvalidRequestError(f"slice must be an integer, got {value!r}")
+        raise RequestError(f"slice must be an integer, got {value!r}")
     return int(k) if k >= 0 else None  # Slicer and the SAM2 app send -1 for "no slice"
 
 
@@ -141,14 +131,12 @@ def parse_prompts(
         max_points: most foreground plus background points (``--conf max_points``).
 
     Raises:
-        InvalidRequestError: malformed, out-of-image or contradictory prompts, none at all, or too many (413).
+        RequestError: malformed, out-of-image or contradictory prompts, none at all, or too many (413).
     """
     # Counted before any point is looked at: a request's cost grows with its points (the decoder attends to each).
     count = sum(len(v) for v in (request.get("foreground"), request.get("background")) if isinstance(v, Sequence))
     if count > max_points:
-        raise InvalidRequestError(
-            f"{count} points in one request; the server accepts {max_points} (--conf max_points)", 413
-        )
+        raise RequestError(f"{count} points in one request; the server accepts {max_points} (--conf max_points)", 413)
     h, w = view_hw
     is_volume = num_slices is not None
 
@@ -158,20 +146,18 @@ def parse_prompts(
             where = f"{name} point {n} {point!r}"
             coords = _as_list(point, where)
             if len(coords) not in (2, 3):
-                raise InvalidRequestError(f"{where} must be [x, y] or [i, j, k]")
+                raise RequestError(f"{where} must be [x, y] or [i, j, k]")
             x, y = parse_number(coords[0], where), parse_number(coords[1], where)
             k = None
             if len(coords) == 3:
                 k = round(parse_number(coords[2], where))  # the nearest slice (RAS->IJK can give 11.9999)
                 if not is_volume and k != 0:
-                    raise InvalidRequestError(f"{where} is outside the image: a 2D image has only slice 0")
+                    raise RequestError(f"{where} is outside the image: a 2D image has only slice 0")
                 if is_volume and not 0 <= k < num_slices:
-                    raise InvalidRequestError(
-                        f"{where} is outside the image: slice {k} of a volume with {num_slices} slices"
-                    )
+                    raise RequestError(f"{where} is outside the image: slice {k} of a volume with {num_slices} slices")
             if not (0 <= x < w and 0 <= y < h):
                 size = f"{w}x{h} (x in 0..{w - 1}, y in 0..{h - 1})"
-                raise InvalidRequestError(f"{where} is outside the image of size {size}")
+                raise RequestError(f"{where} is outside the image of size {size}")
             clicks.append((x, y, label, k if is_volume else None))
 
     box, box_slices = _parse_box(request, (h, w), is_volume)
@@ -185,10 +171,10 @@ def parse_prompts(
         ignored = sorted({c[3] for c in clicks if c[3] not in (None, slice_index)})
         clicks = [c for c in clicks if c[3] in (None, slice_index)]
         if not clicks and box is None and ignored:
-            raise InvalidRequestError(f"no prompt on slice {slice_index}: the clicks are on slices {ignored}")
+            raise RequestError(f"no prompt on slice {slice_index}: the clicks are on slices {ignored}")
 
     if not clicks and box is None:
-        raise InvalidRequestError("no prompt: send foreground/background points or a box")
+        raise RequestError("no prompt: send foreground/background points or a box")
 
     coords = np.array([[c[0], c[1]] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
@@ -217,7 +203,7 @@ def _volume_slice(
     if box_slices is not None:
         k_low, k_high = box_slices
         if k_low < 0 or k_high >= num_slices:
-            raise InvalidRequestError(f"roi slices {k_low}..{k_high} are out of range: the volume has {num_slices}")
+            raise RequestError(f"roi slices {k_low}..{k_high} are out of range: the volume has {num_slices}")
         if k_low == k_high:  # the box is drawn on one slice: nothing else can say otherwise
             return k_low
         if click_slices or requested in (None, ""):
@@ -234,7 +220,7 @@ def _volume_slice(
             if chosen is None:
                 return (k_low + k_high) // 2
         if not k_low <= chosen <= k_high:
-            raise InvalidRequestError(
+            raise RequestError(
                 f"the roi's slices {k_low}..{k_high} do not include slice {chosen} (neither as an index nor as the "
                 "view offset in mm)"
             )
@@ -245,12 +231,12 @@ def _volume_slice(
         return chosen
     if num_slices == 1:
         return 0
-    raise InvalidRequestError("which slice? send voxel clicks [i, j, k], 'slice', or a 6-value roi")
+    raise RequestError("which slice? send voxel clicks [i, j, k], 'slice', or a 6-value roi")
 
 
 def _clicks_slice(click_slices: set[int]) -> int | None:
     if len(click_slices) > 1:
-        raise InvalidRequestError(
+        raise RequestError(
             f"clicks are on several slices {sorted(click_slices)}; send the clicks of one slice (or 'slice')"
         )
     return next(iter(click_slices), None)
@@ -290,21 +276,19 @@ def _parse_box(
         k1, k2 = sorted(round(k) for k in numbers[4:6])
         slices = (k1, k2)
         if not is_volume and slices != (0, 0):
-            raise InvalidRequestError(f"{name} {values!r} is outside the image: a 2D image has only slice 0")
+            raise RequestError(f"{name} {values!r} is outside the image: a 2D image has only slice 0")
     elif len(numbers) == 4:
         x1, y1, x2, y2 = numbers
         if x2 < x1 or y2 < y1:
-            raise InvalidRequestError(
-                f"inverted {name} {values!r}: expected [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2"
-            )
+            raise RequestError(f"inverted {name} {values!r}: expected [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2")
     else:
-        raise InvalidRequestError(
+        raise RequestError(
             f"{name} must be [x1, y1, x2, y2] or Slicer's 6-value IJK roi [i1, i2, j1, j2, k1, k2], got {values!r}"
         )
     if x1 == x2 or y1 == y2:
-        raise InvalidRequestError(f"empty {name} {values!r}: it has zero width or height")
+        raise RequestError(f"empty {name} {values!r}: it has zero width or height")
     if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
-        raise InvalidRequestError(f"{name} {values!r} is outside the image of size {w}x{h}")
+        raise RequestError(f"{name} {values!r} is outside the image of size {w}x{h}")
     return np.array([x1, y1, x2, y2], dtype=np.float64), slices
 
 
@@ -346,28 +330,28 @@ def parse_propagation(
         default_min_iou, default_area_ratio: the values when the request does not say.
 
     Raises:
-        InvalidRequestError: an unknown direction, a non-positive or fractional slice count, an IoU outside 0..1, an
+        RequestError: an unknown direction, a non-positive or fractional slice count, an IoU outside 0..1, an
             area ratio not above 1, or propagation asked on a 2D image.
     """
     value = request.get("propagate")
     direction = "none" if value is None or value == "" else str(value).strip().lower()
     if direction not in PROPAGATE_DIRECTIONS:
-        raise InvalidRequestError(f"propagate must be one of {list(PROPAGATE_DIRECTIONS)}, got {value!r}")
+        raise RequestError(f"propagate must be one of {list(PROPAGATE_DIRECTIONS)}, got {value!r}")
     if direction != "none" and num_slices is None:
-        raise InvalidRequestError(f"propagate {direction!r} needs a volume: a 2D image has no neighbouring slices")
+        raise RequestError(f"propagate {direction!r} needs a volume: a 2D image has no neighbouring slices")
     max_slices = None
     raw = request.get("propagate_slices")
     if raw is not None and raw != "":
         count = parse_number(raw, "propagate_slices")
         if count != int(count) or count < 1:
-            raise InvalidRequestError(f"propagate_slices must be a positive integer (slices each way), got {raw!r}")
+            raise RequestError(f"propagate_slices must be a positive integer (slices each way), got {raw!r}")
         max_slices = int(count)
     raw = request.get("propagate_min_iou")
     min_iou = default_min_iou if raw is None or raw == "" else parse_number(raw, "propagate_min_iou")
     if not 0.0 <= min_iou <= 1.0:
-        raise InvalidRequestError(f"propagate_min_iou must be between 0 and 1, got {raw!r}")
+        raise RequestError(f"propagate_min_iou must be between 0 and 1, got {raw!r}")
     raw = request.get("propagate_max_area_ratio")
     ratio = default_area_ratio if raw is None or raw == "" else parse_number(raw, "propagate_max_area_ratio")
     if not ratio > 1.0:
-        raise InvalidRequestError(f"propagate_max_area_ratio must be above 1, got {raw!r}")
+        raise RequestError(f"propagate_max_area_ratio must be above 1, got {raw!r}")
     return PropagationRequest(direction=direction, max_slices=max_slices, min_iou=min_iou, max_area_ratio=ratio)
