@@ -55,6 +55,7 @@ from lib.loop.rest_annotator import RestAnnotator, infer_answer  # noqa: E402
 from lib.serving.interactive import InteractiveSegmenter  # noqa: E402
 from lib.serving.model_store import ModelStore  # noqa: E402
 from lib.serving.prompt_inputs import PropagationRequest, parse_prompts  # noqa: E402
+from lib.serving.prompts import mask_box  # noqa: E402
 from scripts.monailabel_server import server_log, start_server, stop_server  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,8 +87,8 @@ def mni152(folder: Path, structure: str) -> tuple[Path, np.ndarray]:
 
 
 def box_of(mask: np.ndarray) -> list[int]:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+    """The request's box around a slice's label (lib.serving.prompts.mask_box, as integers)."""
+    return [int(v) for v in mask_box(mask)]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -83,6 +83,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Box ``(x0, y0, x1, y1)`` (max exclusive, float64) around every pixel of a non-empty ``(H, W)`` mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
+
+
 def largest_component_box(mask: np.ndarray) -> np.ndarray:
     """Box ``(x0, y0, x1, y1)`` (max exclusive) around the largest 8-connected component of a ``(H, W)`` mask.
 
@@ -92,9 +99,7 @@ def largest_component_box(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         h, w = mask.shape
         return np.array([0, 0, w, h], dtype=np.float32)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
+    return mask_box(mask).astype(np.float32)
 
 
 def jitter_boxes(boxes: torch.Tensor, rng: PromptRandom, max_shift: int = 5, std: float = 0.1) -> torch.Tensor:

@@ -33,7 +33,7 @@ from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding, decode_view, view_mask
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.prompt_inputs import PropagationRequest
-from lib.serving.prompts import interior_clicks
+from lib.serving.prompts import interior_clicks, mask_box
 
 # The highest threshold that kept the best 3D Dice on both MNI152 tuning walks (brain mask, white matter; the sweep
 # and the choice are in docs/propagation.md): there 0.6 cut the white matter walk after 6 slices, 0.5 changed nothing.
@@ -93,9 +93,7 @@ def next_prompts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A non-empty ``(H, W)`` mask -> the next slice's prompts in view pixels: ``(N, 2)`` clicks (x, y) at the most
     interior pixel of each of its ``N`` larger 4-connected regions (:data:`CLICKED_REGIONS`, largest first), ``(N,)``
     labels 1, and the ``(4,)`` XYXY box around the whole mask (max corner exclusive)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
+    box = mask_box(mask)
     regions, _ = ndimage.label(mask)
     areas = np.bincount(regions.ravel())[1:]
     largest_first = np.argsort(-areas, kind="stable")[:CLICKED_REGIONS]
