@@ -147,3 +147,34 @@ def test_a_rollback_during_a_run_wins_and_runs_are_one_at_a_time(tmp_path: Path,
         pass
     with store.training_lock():  # released at the end of the run
         pass
+
+
+def test_a_swap_copies_new_weights_into_the_served_model_in_place(
+    tmp_path: Path, golden_dir: Path, golden_config: dict
+) -> None:
+    """A published version reaches the model already serving, tensor by tensor (no second model beside it); a
+    version that does not fit the model is refused before anything is copied; a rollback to the base copies back."""
+    from lib.serving.interactive import InteractiveSegmenter
+
+    store = ModelStore(tmp_path, golden_config, base_checkpoint=golden_dir / "weights.pth")
+    segmenter = InteractiveSegmenter(store, backend="torch")
+    served, _ = segmenter.model()
+    base = {k: v.clone() for k, v in served.state_dict().items()}
+    first = _state(golden_config, 1)
+    store.publish(first, {"val_dice": 0.5})
+    model, key = segmenter.model()
+    assert model is served and key == store.version_key() and _equal(model.state_dict(), first)
+
+    wider = {**golden_config, "encoder_depth": golden_config["encoder_depth"] + 1}
+    bad = store.publish(_state(wider, 1), {"val_dice": 0.9})
+    meta_path = tmp_path / "versions" / bad / "metrics.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["model_config"], meta["base"]  # published before versions recorded their config: found when loading
+    meta_path.write_text(json.dumps(meta))
+    model, _ = segmenter.model()
+    assert model is served and _equal(model.state_dict(), first)
+    assert "does not fit the model config" in store._unusable(bad)
+
+    store.rollback("base")
+    model, _ = segmenter.model()
+    assert model is served and _equal(model.state_dict(), base)

@@ -3,9 +3,10 @@
 MONAI Label declares its endpoints ``async`` but does the work in them synchronously: an inference (image loading,
 encoding), an upload copied to disk, a datastore listing all run on the server's one event loop, and every other
 request, ``/info`` and the clicks of other users included, waits until it ends. :class:`ThreadedPaths` runs
-requests on a pool of threads, each request on its own event loop; the client's ``receive`` and ``send`` stay on
-the server's loop and are called through it. Paths that never block (``/info``, static files) are served on the
-server's loop as before.
+requests on a pool of threads, each thread with its own event loop, kept for the thread's life (a new loop per
+request would also start new helper threads for the app's synchronous parts: about a millisecond per click); the
+client's ``receive`` and ``send`` stay on the server's loop and are called through it. Paths that never block
+(``/info``, static files) are served on the server's loop as before.
 
 Nothing here imports the server.
 """
@@ -13,6 +14,7 @@ Nothing here imports the server.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,6 +36,14 @@ class ThreadedPaths:
         self.app = app
         self.direct = tuple(direct)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request")
+        self._thread_loops = threading.local()
+
+    def _thread_loop(self) -> asyncio.AbstractEventLoop:
+        """The calling worker thread's event loop, made on its first request."""
+        loop = getattr(self._thread_loops, "loop", None)
+        if loop is None:
+            loop = self._thread_loops.loop = asyncio.new_event_loop()
+        return loop
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable) -> None:
         if scope["type"] != "http" or scope.get("path", "").startswith(self.direct):
@@ -48,6 +58,6 @@ class ThreadedPaths:
             return call
 
         def serve() -> None:
-            asyncio.run(self.app(scope, on_server_loop(receive), on_server_loop(send)))
+            self._thread_loop().run_until_complete(self.app(scope, on_server_loop(receive), on_server_loop(send)))
 
         await server_loop.run_in_executor(self.pool, serve)

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import ctypes
+import functools
+import mmap
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,7 +61,7 @@ def _names(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - _MAX_NAMES} more)" if len(keys) > _MAX_NAMES else "")
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (not a zip archive; the file may be truncated or of another kind)"
@@ -65,15 +69,16 @@ def _torch_load(path: Path) -> Any:
     safe = [(_DiscardedObject, f"torch.optim.{name}") for name in _OPTIMIZER_CLASSES]
     try:
         with torch.serialization.safe_globals([*safe, collections.defaultdict, dict]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"cannot read {path} as a weights-only checkpoint: {exc}") from exc
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_dict(path: str | Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """Read the tensors of a checkpoint file and say which layout it had (before any conversion).
 
-    Returns the state dict and one of ``published``, ``train-script``, ``state-dict``, ``sam-original``.
+    Returns the state dict and one of ``published``, ``train-script``, ``state-dict``, ``sam-original``. With
+    ``mmap`` the tensors of a PyTorch file are views of the file mapped into memory: nothing is read until used.
     """
     path = Path(path)
     if not path.is_file():
@@ -87,7 +92,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
         layout = LAYOUT_STATE_DICT
     else:
-        obj = _torch_load(path)
+        obj = _torch_load(path, mmap=mmap)
         if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
             state = dict(obj["model"])
             layout = LAYOUT_TRAIN_SCRIPT if "optimizer" in obj else LAYOUT_PUBLISHED
@@ -185,6 +190,46 @@ def load_model(
     if cfg.encoder_adapter:
         model.set_adapters_enabled(adapters)
     return model.to(device).eval()
+
+
+def copy_checkpoint_into(model: SamMed2D, path: str | Path) -> bool:
+    """Overwrite ``model``'s parameters and buffers with a checkpoint's, in place, one tensor at a time.
+
+    A served model takes new weights this way without a second model or a whole state dict beside it: the file is
+    mapped, each tensor is copied into its parameter and its pages are dropped from the mapping before the next, so
+    memory grows by one tensor (9 MB for ViT-B) instead of two copies of the weights (2.2 GB). Keys and shapes are
+    checked against the model before anything is copied. Returns ``False``, leaving ``model`` untouched, for what
+    cannot be copied as it is: an original SAM checkpoint (converted) and ``.safetensors`` files.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return False
+    state, layout = read_state_dict(path, mmap=True)
+    if layout == LAYOUT_SAM_ORIGINAL:
+        return False
+    check_compatible(model, state, str(path))
+    targets = model.state_dict()
+    with torch.no_grad():
+        for key in list(state):
+            source = state.pop(key)
+            targets[key].copy_(source)
+            _drop_mapped_pages(source)
+    return True
+
+
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages of a file-mapped, never written ``tensor`` from this process's memory (Linux ``madvise``);
+    they would be read from the file again if touched. Elsewhere a no-op: the mapping is released as a whole."""
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page) * page
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def save_state_dict(model_or_state: SamMed2D | Mapping[str, torch.Tensor], path: str | Path) -> Path:

@@ -146,7 +146,8 @@ class MaskDecoder(nn.Module):
         for layer in (up1, up2):
             # weight (Cin, Cout, 2, 2) -> (Cin, 2 * 2 * Cout): output columns ordered (a, b, channel).
             weight = layer.weight.permute(0, 2, 3, 1).reshape(layer.in_channels, -1)
-            x = (x @ weight).view(x.shape[0], -1, layer.out_channels) + layer.bias
+            bias = layer.bias.repeat(4)  # the same bias for the four sub-pixels, added by the product itself
+            x = torch.addmm(bias, x.reshape(-1, layer.in_channels), weight).view(x.shape[0], -1, layer.out_channels)
             if layer is up1:
                 x = act1(F.layer_norm(x, (layer.out_channels,), norm.weight, norm.bias, norm.eps))
         return act2(x)

@@ -13,22 +13,42 @@ class Attention(nn.Module):
     """Multi-head attention with optional down-projection of the internal dimension.
 
     ``q``: ``(B, Nq, C)``, ``k``/``v``: ``(B, Nk, C)`` -> ``(B, Nq, C)``.
+
+    In the decoder one side is a few prompt tokens (``n``, about 7) and the other the many image tokens (``N`` = h*w,
+    256 at 256 input). Projecting the many tokens costs ``N C D`` per projection (``D`` the internal dim), but each
+    head only ever meets them through ``n`` dot products, so :meth:`attend_to_many` and :meth:`attend_from_many` fold
+    the projection onto the few side (``heads * n`` columns instead of ``D``): the same sums, regrouped, in less
+    than half the arithmetic while ``heads * n < D`` (:meth:`folds`), which is every prompt of up to 10 clicks.
+    Inference only: see :meth:`folds`.
     """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
         self.num_heads = num_heads
-        internal_dim = embedding_dim // downsample_rate
-        if internal_dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} must divide the internal dim {internal_dim}")
-        self.q_proj = nn.Linear(embedding_dim, internal_dim)
-        self.k_proj = nn.Linear(embedding_dim, internal_dim)
-        self.v_proj = nn.Linear(embedding_dim, internal_dim)
-        self.out_proj = nn.Linear(internal_dim, embedding_dim)
+        self.internal_dim = embedding_dim // downsample_rate
+        if self.internal_dim % num_heads:
+            raise ValueError(f"num_heads {num_heads} must divide the internal dim {self.internal_dim}")
+        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
     def _separate_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def _head_weight(self, proj: nn.Linear) -> torch.Tensor:
+        """``proj.weight`` ``(D, C)`` as ``(heads, D / heads, C)``."""
+        return proj.weight.view(self.num_heads, -1, proj.weight.shape[1])
+
+    def folds(self, few: int) -> bool:
+        """Whether to fold the projections onto ``few`` tokens: when it is cheaper, and not while training.
+
+        Folded, the key bias of :meth:`attend_to_many` cancels in the softmax and leaves the graph, so it would get no
+        gradient (and no weight decay) where the published training loop gives it a rounding-sized one: training
+        keeps the published computation, gradient for gradient (``tests/test_training_step.py``).
+        """
+        return self.num_heads * few < self.internal_dim and not torch.is_grad_enabled()
 
     def heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``proj(x)`` split into heads: ``(B, N, C)`` -> ``(B, heads, N, internal_dim / heads)``."""
@@ -45,6 +65,46 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.attend(self.heads(self.q_proj, q), self.heads(self.k_proj, k), self.heads(self.v_proj, v))
+
+    def attend_to_many(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for few queries ``(B, n, C)`` over many keys and values ``(B or 1, N, C)``.
+
+        Per head, ``q_h (k W_h + b_h)^T = (q_h W_h) k^T + const`` (a constant per query leaves the softmax as it is)
+        and ``softmax(.) (v V_h + c_h) = (softmax(.) v) V_h + c_h`` (the weights sum to 1): the many tokens are
+        read twice by ``heads * n`` rows instead of being projected to ``D`` columns twice.
+        """
+        b, n, _ = q.shape
+        heads = self.num_heads
+        q_heads = self.heads(self.q_proj, q) * (self.internal_dim // heads) ** -0.5  # (B, H, n, d)
+        q_keys = (q_heads @ self._head_weight(self.k_proj)).reshape(b, heads * n, -1)  # (B, H n, C)
+        weights = torch.softmax(q_keys @ k.transpose(1, 2), dim=-1)  # (B, H n, N)
+        read = (weights @ v).view(b, heads, n, -1)  # (B, H, n, C)
+        out = read @ self._head_weight(self.v_proj).transpose(1, 2) + self.v_proj.bias.view(heads, 1, -1)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def attend_from_many(
+        self, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, q_heads: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`forward` for many queries ``(B or 1, N, C)`` over few keys and values ``(B, n, C)``.
+
+        Per head, ``k_h (q Q_h + b_h)^T = (k_h Q_h) q^T + k_h b_h^T``, and the output projection of the heads'
+        ``softmax(.) v_h`` is ``sum_h softmax(.)_h (v_h O_h)``: the many tokens meet one ``(H n, C)`` matrix on each
+        side. ``q_heads``: the projected queries ``(B or 1, H, N, d)`` when the caller has them (then ``q`` is not
+        read). The logits are laid out ``(B, H, n, N)`` so that the softmax runs over a strided axis of length ``n``
+        with ``N`` contiguous, many times faster on CPU than a softmax over a last axis of 7.
+        """
+        k_heads = self.heads(self.k_proj, k) * (self.internal_dim // self.num_heads) ** -0.5  # (B, H, n, d)
+        b, heads, n, _ = k_heads.shape
+        if q_heads is None:
+            keys_q = (k_heads @ self._head_weight(self.q_proj)).reshape(b, heads * n, -1)  # (B, H n, C)
+            bias = k_heads @ self.q_proj.bias.view(heads, -1, 1)  # (B, H, n, 1)
+            logits = (keys_q @ q.transpose(1, 2)).view(b, heads, n, -1) + bias
+        else:
+            logits = k_heads @ q_heads.transpose(2, 3)  # (B, H, n, N)
+        weights = torch.softmax(logits, dim=2).view(b, heads * n, -1)  # (B, H n, N)
+        out_weight = self.out_proj.weight.view(self.out_proj.out_features, heads, -1).permute(1, 2, 0)
+        values_out = (self.heads(self.v_proj, v) @ out_weight).view(b, heads * n, -1)  # (B, H n, C)
+        return torch.baddbmm(self.out_proj.bias.expand(b, 1, -1), weights.transpose(1, 2), values_out)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -99,13 +159,23 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        terms = image_terms if image_terms is not None else self.image_terms(keys, key_pe)
         t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        attended = t2i.attend(t2i.heads(t2i.q_proj, queries + query_pe), terms["t2i_k"], terms["t2i_v"])
+        keys_with_pe = None if image_terms is not None else keys + key_pe
+        if image_terms is not None:
+            attended = t2i.attend(t2i.heads(t2i.q_proj, queries + query_pe), image_terms["t2i_k"], image_terms["t2i_v"])
+        elif t2i.folds(queries.shape[1]):
+            attended = t2i.attend_to_many(queries + query_pe, keys_with_pe, keys)
+        else:
+            attended = t2i(queries + query_pe, keys_with_pe, keys)
         queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
         tokens_with_pe = queries + query_pe
-        attended = i2t.attend(terms["i2t_q"], i2t.heads(i2t.k_proj, tokens_with_pe), i2t.heads(i2t.v_proj, queries))
+        i2t_q = image_terms["i2t_q"] if image_terms is not None else None
+        if i2t.folds(queries.shape[1]):
+            attended = i2t.attend_from_many(keys_with_pe, tokens_with_pe, queries, i2t_q)
+        else:
+            i2t_q = i2t_q if i2t_q is not None else i2t.heads(i2t.q_proj, keys_with_pe)
+            attended = i2t.attend(i2t_q, i2t.heads(i2t.k_proj, tokens_with_pe), i2t.heads(i2t.v_proj, queries))
         keys = self.norm4(keys + attended)
         return queries, keys
 
@@ -156,5 +226,7 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, point_embedding, key_pe, first_layer_terms if i == 0 else None)
-        attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+        final, tokens_with_pe = self.final_attn_token_to_image, queries + point_embedding
+        attend = final.attend_to_many if final.folds(tokens_with_pe.shape[1]) else final
+        attn_out = attend(tokens_with_pe, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn_out), keys

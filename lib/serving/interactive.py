@@ -145,7 +145,9 @@ class InteractiveSegmenter:
             wait for a descheduled sibling spin: on a busy machine two threads can take several times as long as one.
         backend: ``torch``, or ``onnxruntime`` to run the prompt encoder + mask decoder with ONNX Runtime (CPU
             only; exported from the served weights when they load, :class:`lib.serving.onnx_backend.OnnxDecoder`). The
-            decoding rule is the same (:mod:`lib.serving.decoding`).
+            decoding rule is the same (:mod:`lib.serving.decoding`); ONNX Runtime decodes a click in about two thirds
+            of torch's time on one thread, with logits equal to about 1e-6 (not bit for bit: the trainer validates
+            with torch), and holds about 60 MB more (``benchmarks/bench_model.py``, ``benchmarks/bench_app.py``).
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
     """
 
@@ -207,7 +209,7 @@ class InteractiveSegmenter:
                 return self._model, self._model_key  # type: ignore[return-value]
             start = time.perf_counter()
             try:
-                model = self.store.load(self.device)
+                model = self._load_weights()
             except Exception as exc:
                 if self._model is None:
                     raise
@@ -215,10 +217,6 @@ class InteractiveSegmenter:
                 self.last_load_error = f"{self.store.serving_path()}: {exc}"
                 logger.error("Cannot load new weights (%s); still serving %s", exc, self._model_key)
                 return self._model, self._model_key  # type: ignore[return-value]
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            set_encoder_precision(model, self.encoder_precision)
             old = self._model_key
             with torch.inference_mode():
                 self._image_pe = model.prompt_encoder.get_dense_pe()
@@ -239,6 +237,26 @@ class InteractiveSegmenter:
                 f"; replaced {old}" if old else "",
             )
             return model, key
+
+    def _load_weights(self) -> SamMed2D:
+        """The served weights, copied into the model already serving (fp32 encoder) or in a newly built model.
+
+        Copied in place (:meth:`ModelStore.load_into`), a swap holds the served model and one tensor of the new
+        file: building a second model beside the first held up to three copies of the weights (3.3 GB for ViT-B).
+        The encode lock keeps encodes from reading half-copied weights; a click that encoded its view before the
+        copy decodes again (:meth:`segment_view`). Keys and shapes are checked before anything is copied, so a
+        version that does not fit leaves the served weights as they were.
+        """
+        if self._model is not None and self.encoder_precision == "fp32":
+            with self._encode_lock:
+                if self.store.load_into(self._model):
+                    return self._model
+        model = self.store.load(self.device)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        set_encoder_precision(model, self.encoder_precision)
+        return model
 
     def warm_up(self) -> None:
         """Load the model and run one encode and decode on a blank picture, so that one-time costs (kernel set-up,
@@ -416,6 +434,8 @@ class InteractiveSegmenter:
         entry, key, cached = self.embedding(model, model_key, source, prompts)
         times["embed"] = time.perf_counter() - t
         with self._lock:
+            if model_key != self._model_key:  # new weights were copied into the model while this view was encoded
+                return self.segment_view(source, prompts, client_id, label, reset)
             state_key = (client_id, key, label)
             previous = None if reset else self._states.get(state_key)
             t = time.perf_counter()

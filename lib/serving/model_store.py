@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lib.common.atomic_files import fsync_path, write_json_atomic
-from lib.io.checkpoint import load_model, save_state_dict
+from lib.io.checkpoint import copy_checkpoint_into, load_model, save_state_dict
 from lib.modeling import SamMed2D
 from lib.modeling.build import build_model
 from lib.modeling.config import SamMed2DConfig, resolve_config
@@ -254,6 +254,29 @@ class ModelStore:
                 model.set_adapters_enabled(self.adapters)
             return model.to(device).eval()
         return load_model(self.base_checkpoint, self.config, device=device, adapters=self.adapters)
+
+    def load_into(self, model: SamMed2D) -> bool:
+        """Copy the served weights into ``model`` (built for this store's config), in place and one tensor at a time
+        (:func:`lib.io.checkpoint.copy_checkpoint_into`): a swap without a second model in memory.
+
+        Candidates are tried as :meth:`load` tries them. Returns ``False`` when the served weights cannot be copied so
+        (seeded random weights, an original SAM checkpoint): then :meth:`load` builds them, and ``model`` is as it
+        was unless a candidate failed part-way, which a later candidate or the caller's new model replaces. Raises
+        when no candidate loads.
+        """
+        while (version := self._serving_version()) is not None:
+            path = self.versions_dir / version / "model.pt"
+            try:
+                return copy_checkpoint_into(model, path)
+            except Exception as exc:  # noqa: BLE001 (as in load)
+                stat = path.stat()
+                self._unloadable[(str(path), stat.st_size, stat.st_mtime_ns)] = (
+                    f"version {version} does not load: {exc}"
+                )
+                logger.error("Version %s does not load (%s); serving the next usable weights", version, exc)
+        if self.base_checkpoint is None:
+            return False
+        return copy_checkpoint_into(model, self.base_checkpoint)
 
     # ------------------------------------------------------------------ versions
     def _version_names(self) -> list[str]:
