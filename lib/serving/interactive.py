@@ -145,9 +145,9 @@ class InteractiveSegmenter:
             wait for a descheduled sibling spin: on a busy machine two threads can take several times as long as one.
         backend: ``torch``, or ``onnxruntime`` to run the prompt encoder + mask decoder with ONNX Runtime (CPU
             only; exported from the served weights when they load, :class:`lib.serving.onnx_backend.OnnxDecoder`). The
-            decoding rule is the same (:mod:`lib.serving.decoding`); ONNX Runtime decodes a click in about two thirds
-            of torch's time on one thread, with logits equal to about 1e-6 (not bit for bit: the trainer validates
-            with torch), and holds about 60 MB more (``benchmarks/bench_model.py``, ``benchmarks/bench_app.py``).
+            decoding rule is the same (:mod:`lib.serving.decoding`) and the logits equal to about 1e-7; ONNX Runtime
+            decodes a click in about two thirds of torch's time on one thread and holds about 0.1 GB more
+            (``docs/benchmarks.md``).
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
     """
 
