@@ -181,8 +181,13 @@ def load_model(
     loaded, so the branch can be switched back on with ``model.set_adapters_enabled(True)``.
     """
     cfg = resolve_config(config)
-    state, layout = read_state_dict(path)
     model = build_model(cfg)
+    # Copied in tensor by tensor, the weights are in memory once, not twice (a whole state dict beside the model).
+    if copy_checkpoint_into(model, path):
+        if cfg.encoder_adapter:
+            model.set_adapters_enabled(adapters)
+        return model.to(device).eval()
+    state, layout = read_state_dict(path)
     if layout == LAYOUT_SAM_ORIGINAL:
         state = convert_sam_original(state, cfg)
     check_compatible(model, state, str(path), allow_missing_adapters=layout == LAYOUT_SAM_ORIGINAL)
