@@ -130,6 +130,9 @@ def test_labels_trigger_retraining_promotion_and_a_diverging_run_is_kept_out(ser
         url,
     )
     assert progress["done"] == progress["total"] == 10
+    # ... in the server process with the served model: no MONAI Label scoring task (a subprocess holding a second
+    # copy of the weights) ever ran
+    assert requests.get(f"{url}/scoring/", params={"all": True}, timeout=60).status_code == 404
     phase("background scoring of 10 images finished")
 
     saved: list[str] = []

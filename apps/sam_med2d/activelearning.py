@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from lib.common.settings import conf_flag, dataclass_from_conf
 from lib.io.image_source import ImageReadError, fingerprint, read_image
 from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
 from lib.serving.decoding import ServedDecoding
+from lib.serving.interactive import InteractiveSegmenter
 from lib.serving.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class SamUncertaintyScoring(ScoringMethod):
         threads: torch CPU threads of the scoring process (few, so inference keeps its cores).
         score_remote: also score a DICOMweb (PACS) datastore; off by default because scoring reads every unlabeled
             series, which on a PACS means downloading all of them.
+        served: returns the server's :class:`InteractiveSegmenter`. A ``background`` request (the retraining
+            scheduler's, on a thread of the server process) then scores with the served model itself, one image at a
+            time under :meth:`InteractiveSegmenter.served_model`, at a lower priority, instead of loading a second
+            copy of the weights; other requests (``POST /scoring``, run by MONAI Label in a subprocess) load the model.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class SamUncertaintyScoring(ScoringMethod):
         decoding: ServedDecoding | None = None,
         threads: int = 1,
         score_remote: bool = False,
+        served: Callable[[], InteractiveSegmenter] | None = None,
     ) -> None:
         super().__init__("SAM-Med2D uncertainty of unlabeled images (disagreement of perturbed prompts, predicted IoU)")
         self.model_store = model_store
@@ -73,6 +79,7 @@ class SamUncertaintyScoring(ScoringMethod):
         self.decoding = decoding or ServedDecoding()
         self.threads = threads
         self.score_remote = score_remote
+        self.served = served
         self.scores = UncertaintyScores(model_store.model_dir / SCORES_FILE)
 
     def info(self) -> dict[str, Any]:
@@ -90,10 +97,11 @@ class SamUncertaintyScoring(ScoringMethod):
                 "(--conf uncertainty_on_pacs true to score anyway)"
             )
             return {"model_version": self.model_store.active_version(), "scored": 0, "skipped": "DICOMweb datastore"}
+        in_server = bool(request.get("background")) and self.served is not None
         if request.get("background") and hasattr(os, "nice"):
-            os.nice(10)  # the scoring process (started by the retraining scheduler) yields the cores to clicks
-        if self.device == "cpu" and self.threads > 0:
-            torch.set_num_threads(self.threads)
+            os.nice(10)  # this thread (Linux: nice is per thread) and the threads it starts yield the cores to clicks
+        if not in_server and self.device == "cpu" and self.threads > 0:
+            torch.set_num_threads(self.threads)  # a process of its own: the setting is process-wide
         version = self.model_store.active_version()
         version_key = self.model_store.version_key()
         images = sorted(datastore.get_unlabeled_images())
@@ -123,15 +131,24 @@ class SamUncertaintyScoring(ScoringMethod):
             self.scores.save(data)
             return {"model_version": version, "scored": 0, "total": len(images)}
 
-        scorer = UncertaintyScorer(self.model_store.load(self.device), self.config, self.decoding)
+        scorer = None
+        if not in_server:
+            scorer = UncertaintyScorer(self.model_store.load(self.device), self.config, self.decoding)
         start = last_save = time.perf_counter()
         failed = 0
         for count, image_id in enumerate(todo, 1):
+            if in_server and self.model_store.version_key() != version_key:
+                logger.info("Uncertainty scoring stopped: the served weights changed; the scheduler scores again")
+                break
             path = datastore.get_image_uri(image_id)
             try:
                 source = read_image(path)
                 view = source.view(source.num_slices // 2 if source.is_volume else None)
-                result = scorer.score(view)
+                if scorer is not None:
+                    result = scorer.score(view)
+                else:
+                    with self.served().served_model() as model:  # type: ignore[misc]
+                        result = UncertaintyScorer(model, self.config, self.decoding).score(view)
                 data["scores"][image_id] = {
                     **result.to_dict(),
                     "model_version": version,
@@ -235,14 +252,24 @@ def active_learning_strategies(conf: Mapping[str, Any], model_store: ModelStore)
 
 
 def active_learning_scoring(
-    conf: Mapping[str, Any], model_store: ModelStore, device: str, decoding: ServedDecoding
+    conf: Mapping[str, Any],
+    model_store: ModelStore,
+    device: str,
+    decoding: ServedDecoding,
+    served: Callable[[], InteractiveSegmenter] | None = None,
 ) -> dict[str, ScoringMethod]:
     """The app's ``/scoring`` methods: ``sam_uncertainty``."""
     threads = int(conf.get("uncertainty_threads", 1))
     config = uncertainty_config_from_conf(conf)
     score_remote = conf_flag(conf, "uncertainty_on_pacs", False)
     scoring = SamUncertaintyScoring(
-        model_store, config, device=device, decoding=decoding, threads=threads, score_remote=score_remote
+        model_store,
+        config,
+        device=device,
+        decoding=decoding,
+        threads=threads,
+        score_remote=score_remote,
+        served=served,
     )
     return {NAME: scoring}
 

@@ -265,7 +265,9 @@ class SamMed2DApp(MONAILabelApp):
         return active_learning_strategies(self.conf, self.model_store)
 
     def init_scoring_methods(self) -> dict[str, Any]:
-        return active_learning_scoring(self.conf, self.model_store, str(self.segmenter.device), self.decoding)
+        return active_learning_scoring(
+            self.conf, self.model_store, str(self.segmenter.device), self.decoding, lambda: self.segmenter
+        )
 
     def init_trainers(self) -> dict[str, TrainTask]:
         """``sam_med2d``: adapter fine-tuning on the saved labels (``--conf train_recipe``: ``continual`` default;
@@ -281,8 +283,8 @@ class SamMed2DApp(MONAILabelApp):
     def on_init_complete(self) -> None:
         """Server start: guard the HTTP server, fetch the published weights if needed, then load the model so the
         first click only encodes."""
-        # MONAI Label starts scoring every unlabeled image here, in a second process with its own copy of the weights,
-        # competing with the first clicks; the retraining scheduler starts it once no click came for a while.
+        # MONAI Label starts scoring every unlabeled image here, competing with the first clicks; the retraining
+        # scheduler scores once no click came for a while (see async_scoring).
         auto_scoring, self._auto_update_scoring = self._auto_update_scoring, False
         super().on_init_complete()
         self._auto_update_scoring = auto_scoring
@@ -411,6 +413,17 @@ class SamMed2DApp(MONAILabelApp):
         if self.retraining is not None:
             meta["retraining"] = self.retraining.info()
         return meta
+
+    def async_scoring(self, method: str | None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """MONAI Label queues the scoring methods after every ``/activelearning`` and ``/train`` call, each run in a
+        subprocess with its own copy of the weights. With the retraining scheduler keeping the scores current, it
+        scores instead: in this process with the served model, once no click came for a while. ``POST /scoring``
+        still runs MONAI Label's task."""
+        scheduler = self.retraining
+        if scheduler is not None and scheduler.rescore and (method is None or method in scheduler.rescore):
+            scheduler.score_soon()
+            return {}
+        return super().async_scoring(method, params)
 
     # ---------------------------------------------------------------- errors
     def train(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,9 @@ server. It follows every train task, including manual ``/train`` requests, and r
 
 It also keeps the uncertainty scores current (``--conf uncertainty_refresh``): when unlabeled images lack a score
 from the serving model (new images, a new version after a promotion or a rollback) and neither training nor scoring
-runs, it starts the ``sam_uncertainty`` scoring task (checked at most every ``SCORING_BACKOFF_SECONDS``).
+runs, it scores them (checked at most every ``SCORING_BACKOFF_SECONDS``, once no click came for
+``SCORING_IDLE_SECONDS``): on a thread of the server process at a lower priority, with the served model itself, one
+image at a time (:meth:`InteractiveSegmenter.served_model`), so that no second copy of the weights is held.
 
 Everything is logged (``Retraining: run N started (labels: 5 new final labels ...)`` / ``... ended: promoted;
 serving v0002-...``) and shown in ``/info`` under ``retraining``.
@@ -107,6 +109,7 @@ class RetrainingScheduler:
         self.controller = RetrainingController(self.store.model_dir / STATE_FILE, policy)
         self._known_tasks: set[str] = set()
         self._last_scoring = 0.0
+        self._scoring: threading.Thread | None = None
         self._tick_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,18 +173,33 @@ class RetrainingScheduler:
         segmenter = getattr(self.app, "segmenter", None)
         if segmenter is not None and segmenter.idle_seconds() < self.scoring_idle_seconds:
             return
-        if any(t.get("status") in ACTIVE for t in task_states("scoring")):
+        if self._scoring is not None and self._scoring.is_alive():
+            return
+        if any(t.get("status") in ACTIVE for t in task_states("scoring")):  # a POST /scoring run
             return
         self._last_scoring = time.monotonic()
         missing = scores_missing(self.store, self.app.datastore())
         if not missing:
             return
+        logger.info(
+            f"Retraining scheduler: {missing} unlabeled images lack a score from {self.store.active_version()}; "
+            f"scoring ({', '.join(self.rescore)})"
+        )
+        # On a thread of this process, with the served model (background scoring): a subprocess would hold a second
+        # copy of the weights while the server serves.
+        self._scoring = threading.Thread(target=self._score, name="uncertainty-scoring", daemon=True)
+        self._scoring.start()
+
+    def score_soon(self) -> None:
+        """Check for missing scores at the next poll, without waiting out the back-off (still once idle)."""
+        self._last_scoring = 0.0
+
+    def _score(self) -> None:
         for method in self.rescore:
-            logger.info(
-                f"Retraining scheduler: {missing} unlabeled images lack a {method} score from "
-                f"{self.store.active_version()}; scoring"
-            )
-            start_task("scoring", {"method": method, "background": True})
+            try:
+                self.app.scoring({"method": method, "background": True})
+            except Exception:  # noqa: BLE001 (a failed scoring run is logged; the next idle moment retries)
+                logger.exception(f"Uncertainty scoring ({method}) failed")
 
     def _launch(self, trigger: Trigger) -> str | None:
         """Start a train task as ``POST /train/<model>`` does; ``None`` when one is already running."""

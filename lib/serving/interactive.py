@@ -258,6 +258,15 @@ class InteractiveSegmenter:
         set_encoder_precision(model, self.encoder_precision)
         return model
 
+    @contextlib.contextmanager
+    def served_model(self) -> Iterator[SamMed2D]:
+        """The served model, its weights unchanged for the block: for background work in the server process (scoring)
+        that must not hold a second copy of the weights. The block waits for an encode in progress and holds encodes
+        and swaps off until it ends, so keep it to one image; clicks on encoded views go on meanwhile."""
+        self.model()
+        with self._encode_lock:
+            yield self._model  # type: ignore[misc]
+
     def warm_up(self) -> None:
         """Load the model and run one encode and decode on a blank picture, so that one-time costs (kernel set-up,
         lazy imports) are paid at start and not by the first click. Nothing is cached."""
