@@ -32,13 +32,14 @@ from lib.common.settings import conf_flag, dataclass_from_conf
 from lib.io.image_source import ImageReadError, fingerprint, read_image
 from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
 from lib.serving.decoding import ServedDecoding
-from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.interactive import InteractiveSegmenter, release_freed_memory
 from lib.serving.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
 
 NAME = "sam_uncertainty"
 SCORES_FILE = "uncertainty_scores.json"
+BACKGROUND_NICE = 10
 
 
 def _now_iso() -> str:
@@ -98,8 +99,9 @@ class SamUncertaintyScoring(ScoringMethod):
             )
             return {"model_version": self.model_store.active_version(), "scored": 0, "skipped": "DICOMweb datastore"}
         in_server = bool(request.get("background")) and self.served is not None
-        if request.get("background") and hasattr(os, "nice"):
-            os.nice(10)  # this thread (Linux: nice is per thread) and the threads it starts yield the cores to clicks
+        if request.get("background") and hasattr(os, "nice") and os.nice(0) < BACKGROUND_NICE:
+            # this thread (Linux: nice is per thread) and the threads it starts yield the cores to clicks
+            os.nice(BACKGROUND_NICE - os.nice(0))
         if not in_server and self.device == "cpu" and self.threads > 0:
             torch.set_num_threads(self.threads)  # a process of its own: the setting is process-wide
         version = self.model_store.active_version()
@@ -176,6 +178,8 @@ class SamUncertaintyScoring(ScoringMethod):
             )
         data["progress"]["finished_at"] = _now_iso()
         self.scores.save(data)
+        if in_server:
+            release_freed_memory()  # the images read and the encoder's work space, freed on this thread's heap
         return {"model_version": version, "scored": len(todo) - failed, "failed": failed, "total": len(images)}
 
 

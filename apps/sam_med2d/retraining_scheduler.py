@@ -109,7 +109,11 @@ class RetrainingScheduler:
         self.controller = RetrainingController(self.store.model_dir / STATE_FILE, policy)
         self._known_tasks: set[str] = set()
         self._last_scoring = 0.0
-        self._scoring: threading.Thread | None = None
+        # One long-lived scoring thread (started at the first run): a thread's first encode sets up per-thread
+        # buffers (oneDNN, OpenMP, a malloc arena: about 50 MB) that a new thread per run would set up again.
+        self._scoring_thread: threading.Thread | None = None
+        self._scoring_requested = threading.Event()
+        self._scoring_busy = False
         self._tick_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,7 +177,7 @@ class RetrainingScheduler:
         segmenter = getattr(self.app, "segmenter", None)
         if segmenter is not None and segmenter.idle_seconds() < self.scoring_idle_seconds:
             return
-        if self._scoring is not None and self._scoring.is_alive():
+        if self._scoring_busy:
             return
         if any(t.get("status") in ACTIVE for t in task_states("scoring")):  # a POST /scoring run
             return
@@ -187,8 +191,20 @@ class RetrainingScheduler:
         )
         # On a thread of this process, with the served model (background scoring): a subprocess would hold a second
         # copy of the weights while the server serves.
-        self._scoring = threading.Thread(target=self._score, name="uncertainty-scoring", daemon=True)
-        self._scoring.start()
+        self._scoring_busy = True
+        if self._scoring_thread is None:
+            self._scoring_thread = threading.Thread(target=self._scoring_loop, name="uncertainty-scoring", daemon=True)
+            self._scoring_thread.start()
+        self._scoring_requested.set()
+
+    def _scoring_loop(self) -> None:
+        while True:
+            self._scoring_requested.wait()
+            self._scoring_requested.clear()
+            try:
+                self._score()
+            finally:
+                self._scoring_busy = False
 
     def score_soon(self) -> None:
         """Check for missing scores at the next poll, without waiting out the back-off (still once idle)."""
