@@ -141,10 +141,10 @@ class CpuMeter:
 class PeakRss:
     """The largest resident memory of a process, sampled every 5 ms on a thread, per phase (:meth:`phase`)."""
 
-    def __init__(self, process: psutil.Process) -> None:
+    def __init__(self, process: psutil.Process, phase: str) -> None:
         self.process = process
         self.peaks: dict[str, int] = {}
-        self.current = "start"
+        self.current = phase
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -239,8 +239,7 @@ def main() -> None:
     rows: dict[str, float] = {"startup_s": startup}
     try:
         process = psutil.Process(server_pid(url))
-        peaks = PeakRss(process)
-        peaks.phase("scoring")
+        peaks = PeakRss(process, "scoring")
         rows["background_wait_s"] = wait_for_scoring(url)
         rows["rss_after_start_gb"] = process.memory_info().rss / 1e9
         peaks.phase("clicks")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,11 +29,13 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib.common.memory import release_freed_memory
 from lib.common.settings import conf_flag, dataclass_from_conf
 from lib.io.image_source import ImageReadError, fingerprint, read_image
 from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
+from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding
-from lib.serving.interactive import InteractiveSegmenter, release_freed_memory
+from lib.serving.interactive import InteractiveSegmenter
 from lib.serving.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -133,9 +136,11 @@ class SamUncertaintyScoring(ScoringMethod):
             self.scores.save(data)
             return {"model_version": version, "scored": 0, "total": len(images)}
 
-        scorer = None
-        if not in_server:
-            scorer = UncertaintyScorer(self.model_store.load(self.device), self.config, self.decoding)
+        loaded = None if in_server else self.model_store.load(self.device)
+
+        def model_for_one_image() -> contextlib.AbstractContextManager[SamMed2D]:
+            return self.served().served_model() if in_server else contextlib.nullcontext(loaded)  # type: ignore[misc]
+
         start = last_save = time.perf_counter()
         failed = 0
         for count, image_id in enumerate(todo, 1):
@@ -146,11 +151,8 @@ class SamUncertaintyScoring(ScoringMethod):
             try:
                 source = read_image(path)
                 view = source.view(source.num_slices // 2 if source.is_volume else None)
-                if scorer is not None:
-                    result = scorer.score(view)
-                else:
-                    with self.served().served_model() as model:  # type: ignore[misc]
-                        result = UncertaintyScorer(model, self.config, self.decoding).score(view)
+                with model_for_one_image() as model:
+                    result = UncertaintyScorer(model, self.config, self.decoding).score(view)
                 data["scores"][image_id] = {
                     **result.to_dict(),
                     "model_version": version,

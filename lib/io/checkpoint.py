@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import ctypes
-import functools
-import mmap
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.common.atomic_files import atomic_path
+from lib.common.memory import drop_mapped_pages
 from lib.modeling import SamMed2D
 from lib.modeling.build import build_model
 from lib.modeling.config import SamMed2DConfig, resolve_config
@@ -218,23 +215,8 @@ def copy_checkpoint_into(model: SamMed2D, path: str | Path) -> bool:
         for key in list(state):
             source = state.pop(key)
             targets[key].copy_(source)
-            _drop_mapped_pages(source)
+            drop_mapped_pages(source)
     return True
-
-
-def _drop_mapped_pages(tensor: torch.Tensor) -> None:
-    """Drop the pages of a file-mapped, never written ``tensor`` from this process's memory (Linux ``madvise``);
-    they would be read from the file again if touched. Elsewhere a no-op: the mapping is released as a whole."""
-    page = mmap.PAGESIZE
-    start = tensor.data_ptr() // page * page
-    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page) * page
-    with contextlib.suppress(OSError, AttributeError):
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def save_state_dict(model_or_state: SamMed2D | Mapping[str, torch.Tensor], path: str | Path) -> Path:

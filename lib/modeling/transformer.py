@@ -67,13 +67,16 @@ class Attention(nn.Module):
         return self.attend(self.heads(self.q_proj, q), self.heads(self.k_proj, k), self.heads(self.v_proj, v))
 
     def attend_to_many(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` for few queries ``(B, n, C)`` over many keys and values ``(B or 1, N, C)``.
+        """:meth:`forward` for few queries ``(B, n, C)`` over many keys and values ``(B or 1, N, C)``, folded where
+        :meth:`folds` says so.
 
         Per head, ``q_h (k W_h + b_h)^T = (q_h W_h) k^T + const`` (a constant per query leaves the softmax as it is)
         and ``softmax(.) (v V_h + c_h) = (softmax(.) v) V_h + c_h`` (the weights sum to 1): the many tokens are
         read twice by ``heads * n`` rows instead of being projected to ``D`` columns twice.
         """
         b, n, _ = q.shape
+        if not self.folds(n):
+            return self(q, k.expand(b, -1, -1), v.expand(b, -1, -1))
         heads = self.num_heads
         q_heads = self.heads(self.q_proj, q) * (self.internal_dim // heads) ** -0.5  # (B, H, n, d)
         q_keys = (q_heads @ self._head_weight(self.k_proj)).reshape(b, heads * n, -1)  # (B, H n, C)
@@ -85,7 +88,8 @@ class Attention(nn.Module):
     def attend_from_many(
         self, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, q_heads: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """:meth:`forward` for many queries ``(B or 1, N, C)`` over few keys and values ``(B, n, C)``.
+        """:meth:`forward` for many queries ``(B or 1, N, C)`` over few keys and values ``(B, n, C)``, folded where
+        :meth:`folds` says so.
 
         Per head, ``k_h (q Q_h + b_h)^T = (k_h Q_h) q^T + k_h b_h^T``, and the output projection of the heads'
         ``softmax(.) v_h`` is ``sum_h softmax(.)_h (v_h O_h)``: the many tokens meet one ``(H n, C)`` matrix on each
@@ -93,6 +97,9 @@ class Attention(nn.Module):
         read). The logits are laid out ``(B, H, n, N)`` so that the softmax runs over a strided axis of length ``n``
         with ``N`` contiguous, many times faster on CPU than a softmax over a last axis of 7.
         """
+        if not self.folds(k.shape[1]):
+            q_heads = q_heads if q_heads is not None else self.heads(self.q_proj, q)
+            return self.attend(q_heads, self.heads(self.k_proj, k), self.heads(self.v_proj, v))
         k_heads = self.heads(self.k_proj, k) * (self.internal_dim // self.num_heads) ** -0.5  # (B, H, n, d)
         b, heads, n, _ = k_heads.shape
         if q_heads is None:
@@ -163,19 +170,13 @@ class TwoWayAttentionBlock(nn.Module):
         keys_with_pe = None if image_terms is not None else keys + key_pe
         if image_terms is not None:
             attended = t2i.attend(t2i.heads(t2i.q_proj, queries + query_pe), image_terms["t2i_k"], image_terms["t2i_v"])
-        elif t2i.folds(queries.shape[1]):
-            attended = t2i.attend_to_many(queries + query_pe, keys_with_pe, keys)
         else:
-            attended = t2i(queries + query_pe, keys_with_pe, keys)
+            attended = t2i.attend_to_many(queries + query_pe, keys_with_pe, keys)
         queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
         tokens_with_pe = queries + query_pe
         i2t_q = image_terms["i2t_q"] if image_terms is not None else None
-        if i2t.folds(queries.shape[1]):
-            attended = i2t.attend_from_many(keys_with_pe, tokens_with_pe, queries, i2t_q)
-        else:
-            i2t_q = i2t_q if i2t_q is not None else i2t.heads(i2t.q_proj, keys_with_pe)
-            attended = i2t.attend(i2t_q, i2t.heads(i2t.k_proj, tokens_with_pe), i2t.heads(i2t.v_proj, queries))
+        attended = i2t.attend_from_many(keys_with_pe, tokens_with_pe, queries, i2t_q)
         keys = self.norm4(keys + attended)
         return queries, keys
 
@@ -226,7 +227,5 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, point_embedding, key_pe, first_layer_terms if i == 0 else None)
-        final, tokens_with_pe = self.final_attn_token_to_image, queries + point_embedding
-        attend = final.attend_to_many if final.folds(tokens_with_pe.shape[1]) else final
-        attn_out = attend(tokens_with_pe, keys + key_pe, keys)
+        attn_out = self.final_attn_token_to_image.attend_to_many(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn_out), keys

@@ -10,9 +10,7 @@ the next click's mask prompt, as in the paper's interactive protocol. Nothing he
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import gc
 import logging
 import threading
 import time
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from lib.common.lru import LruCache
+from lib.common.memory import release_freed_memory
 from lib.guard.limits import Limits
 from lib.io.image_source import ImageSource, fingerprint, read_image
 from lib.modeling import SamMed2D
@@ -88,18 +87,6 @@ class VolumeSegmentation:
     stops: list[Stop]
     review_first: int | None
     seconds_per_slice: float | None
-
-
-def release_freed_memory(collect: bool = True) -> None:
-    """Give freed memory (a checkpoint's tensors, a replaced model, encoder activations) back to the system.
-
-    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in its heap; ``malloc_trim`` returns
-    them, which keeps the server's resident memory near the model's own size. No-op where glibc is absent.
-    """
-    if collect:
-        gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @contextlib.contextmanager
