@@ -14,7 +14,7 @@ from PIL import Image
 
 from lib.common.settings import RequestError
 from lib.io.image_source import ImageReadError, read_image, to_uint8
-from lib.io.volume_io import read_nrrd, write_label, write_slice_label_nrrd
+from lib.io.volume_io import encode_label_png, read_nrrd, write_label, write_slice_label_nrrd
 from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.interactive import InteractiveSegmenter
@@ -206,3 +206,21 @@ def test_download_checks_the_file_before_keeping_it(golden_dir: Path, tmp_path: 
             download_published_weights(tmp_path / "c", url=f"{base.rsplit(':', 1)[0]}:1/x", connect_timeout=2)
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("dtype, value", [(np.uint8, 1), (np.uint8, 255), (np.uint16, 1), (np.uint16, 40000)])
+def test_png_labels_read_back_with_their_values(dtype, value) -> None:
+    """The click's PNG label: any reader gets the label's values and shape back (odd sizes, both byte orders of
+    16-bit), and it stays small; other dtypes are refused by name."""
+    import io
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((37, 53), dtype=dtype)
+    label[5:30, 10:40] = value
+    label[rng.random(label.shape) < 0.05] = 0
+    encoded = encode_label_png(label)
+    with Image.open(io.BytesIO(encoded)) as image:
+        np.testing.assert_array_equal(np.asarray(image), label)
+    assert len(encode_label_png(np.zeros((512, 512), np.uint8))) < 2000
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        encode_label_png(label.astype(np.int32))

@@ -47,3 +47,32 @@ def test_folding_is_for_few_tokens_and_inference_only(attention):
         assert attention.folds(15)  # 8 heads x 15 tokens < 128 internal channels
         assert not attention.folds(16)
     assert not attention.folds(7)  # gradients on: the published computation
+
+
+def test_the_kept_mask_alone_equals_that_output_of_all_masks():
+    """Serving decodes only the output each row keeps (chosen from the predicted IoUs first): the same logits as that
+    output among all four, for rows keeping different outputs, and the state dict is the published layout's."""
+    from lib.modeling.build import build_model
+    from lib.serving.decoding import kept_output
+
+    torch.manual_seed(0)
+    model = build_model("vit_b").eval()
+    decoder = model.mask_decoder
+    with torch.no_grad():
+        src = torch.randn(1, 256, 16, 16)
+        image_pe = model.prompt_encoder.get_dense_pe()
+        coords = torch.rand(4, 2, 2) * 256
+        sparse, _ = model.prompt_encoder((coords, torch.tensor([[1, 0], [1, 1], [0, 1], [1, 0]])), None, None)
+        decoded = decoder.decode_tokens(src, image_pe, sparse)
+        every = decoder.masks(decoded)
+        for multimask in (True, False):
+            kept = kept_output(decoded.iou, multimask)
+            alone = decoder.masks(decoded, kept)
+            torch.testing.assert_close(alone[:, 0], every[torch.arange(4), kept], atol=1e-5, rtol=0)
+        outputs = torch.tensor([1, 3, 3, 0])  # mixed on purpose: rows share an output's MLP
+        torch.testing.assert_close(
+            decoder.masks(decoded, outputs)[:, 0], every[torch.arange(4), outputs], atol=1e-5, rtol=0
+        )
+    state = decoder.state_dict()
+    assert state["output_upscaling.0.weight"].shape == (256, 64, 2, 2)
+    assert state["transformer.layers.0.mlp.lin1.weight"].shape == (2048, 256)

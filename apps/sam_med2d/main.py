@@ -213,6 +213,7 @@ class SamMed2DApp(MONAILabelApp):
             limits=self.limits,
         )
         self.weights_warning: str | None = None
+        self._weights_info: tuple[tuple, dict[str, Any]] | None = None
         self.retraining: RetrainingScheduler | None = None  # started in on_init_complete (server process only)
         super().__init__(
             app_dir=app_dir,
@@ -387,6 +388,15 @@ class SamMed2DApp(MONAILabelApp):
         scheduler.start()
 
     def weights_info(self) -> dict[str, Any]:
+        """What serves (``/info`` and every click's result), described again only when it changed: MONAI Label asks
+        for the whole ``/info`` on every click (three times this) besides the click's own result."""
+        store = self.model_store
+        key = (store.version_key(), store.current_version(), self.segmenter.last_load_error, self.weights_warning)
+        if self._weights_info is None or self._weights_info[0] != key:
+            self._weights_info = (key, self._describe_weights())
+        return dict(self._weights_info[1])
+
+    def _describe_weights(self) -> dict[str, Any]:
         store = self.model_store
         serving = store.serving_path()
         info: dict[str, Any] = {

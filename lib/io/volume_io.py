@@ -177,3 +177,24 @@ def _deflate_fresh(data: bytes) -> bytes:
 @functools.lru_cache(maxsize=1)
 def _deflated_zero_chunk() -> bytes:
     return _deflate_fresh(_ZERO_CHUNK)
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """A 2D ``uint8`` or ``uint16`` label ``(H, W)`` as a greyscale PNG, values kept.
+
+    A label is a few runs of equal values, which deflate well as they are: every row is stored unfiltered, as small
+    as Pillow's PNG (a 512x512 mask is a few KB) without its trial of every row filter, which took about 2 ms of a
+    click through REST.
+    """
+    if label.ndim != 2 or label.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"a PNG label is 2D uint8 or uint16, got {label.dtype} {label.shape}")
+    height, width = label.shape
+    rows = np.zeros((height, 1 + width * label.itemsize), dtype=np.uint8)  # each row: filter type 0, then pixels
+    rows[:, 1:] = np.ascontiguousarray(label, dtype=label.dtype.newbyteorder(">")).view(np.uint8).reshape(height, -1)
+    idat = zlib.compress(rows.data, 1)
+    header = struct.pack(">IIBBBBB", width, height, 8 * label.itemsize, 0, 0, 0, 0)  # greyscale, no interlace
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -33,3 +33,17 @@ class LayerNorm2d(nn.Module):
         s = (x - u).pow(2).mean(1, keepdim=True)
         x = (x - u) / torch.sqrt(s + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def store_weights_input_major(module: nn.Module) -> None:
+    """Store the weight ``(out, in)`` of every linear layer in ``module`` input-major: as the transpose of a
+    contiguous ``(in, out)`` tensor.
+
+    Same shape, values and state dict (``load_state_dict`` and optimizers keep the layout), but a linear layer's
+    product ``x W^T`` then reads ``W^T`` as a plain row-major matrix. For the decoder's few rows (the 7 or so prompt
+    tokens of a click) MKL runs that product about 1.5x faster than the transposed one: 0.5 ms of a 5.6 ms click on
+    one thread.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            layer.weight.data = layer.weight.data.t().contiguous().t()

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, store_weights_input_major
 from .transformer import TwoWayTransformer
+
+
+@dataclasses.dataclass
+class DecodedTokens:
+    """The decoder's state after its transformer, before the masks (:meth:`MaskDecoder.decode_tokens`).
+
+    Attributes:
+        mask_tokens: ``(B, T, C)`` the mask tokens' outputs.
+        image_tokens: ``(B, h*w, C)`` the image tokens' outputs.
+        grid: ``(h, w)`` of the image tokens.
+        iou: ``(B, T)`` predicted IoU of each output.
+    """
+
+    mask_tokens: torch.Tensor
+    image_tokens: torch.Tensor
+    grid: tuple[int, int]
+    iou: torch.Tensor
 
 
 class MLP(nn.Module):
@@ -60,6 +79,9 @@ class MaskDecoder(nn.Module):
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        store_weights_input_major(self)
+        for layer in (self.output_upscaling[0], self.output_upscaling[3]):
+            store_subpixel_major(layer)
 
     def forward(
         self,
@@ -113,24 +135,52 @@ class MaskDecoder(nn.Module):
         transformer's ten projections of the image tokens.
         Returns all ``num_mask_tokens`` outputs: masks ``(B, T, 4h, 4w)``, IoU ``(B, T)``.
         """
+        decoded = self.decode_tokens(src, image_pe, sparse_prompt_embeddings, first_layer_terms)
+        return self.masks(decoded), decoded.iou
+
+    def decode_tokens(
+        self,
+        src: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        first_layer_terms: dict[str, torch.Tensor] | None = None,
+    ) -> DecodedTokens:
+        """The two-way transformer and the IoU head on ``src`` ``(B or 1, C, h, w)``: everything before the masks.
+
+        The predicted IoU of every output comes from here, so a caller that keeps one output per row (the best
+        predicted IoU) can ask :meth:`masks` for that output only.
+        """
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
         if src.shape[0] != batch:
             src = src.expand(batch, -1, -1, -1)
         pos_src = image_pe.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = self.transformer(src, pos_src, tokens, first_layer_terms)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.upscale_tokens(src)  # (B, 16 h w, C / 8), pixels in sub-pixel order
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        hs, image_tokens = self.transformer(src, pos_src, tokens, first_layer_terms)
+        return DecodedTokens(
+            mask_tokens=hs[:, 1 : 1 + self.num_mask_tokens, :],
+            image_tokens=image_tokens,
+            grid=(src.shape[2], src.shape[3]),
+            iou=self.iou_prediction_head(hs[:, 0, :]),
         )
-        masks = hyper_in @ upscaled.transpose(1, 2)  # (B, T, 16 h w)
+
+    def masks(self, decoded: DecodedTokens, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Low-resolution logits of every output ``(B, T, 4h, 4w)``, or with ``outputs`` ``(B,)`` (an output index
+        per row) of that output only, ``(B, 1, 4h, 4w)``: a kept mask costs one hypernetwork MLP, not four."""
+        b = decoded.image_tokens.shape[0]
+        h, w = decoded.grid
+        upscaled = self.upscale_tokens(decoded.image_tokens)  # (B, 16 h w, C / 8), pixels in sub-pixel order
+        mlps = self.output_hypernetworks_mlps
+        if outputs is None:
+            hyper_in = torch.stack([mlp(decoded.mask_tokens[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
+        else:
+            hyper_in = decoded.mask_tokens.new_empty(b, 1, upscaled.shape[2])
+            for i in outputs.unique().tolist():  # rows that keep output i share its MLP
+                rows = (outputs == i).nonzero()[:, 0] if b > 1 else slice(None)
+                hyper_in[rows, 0] = mlps[i](decoded.mask_tokens[rows, i, :])
+        masks = hyper_in @ upscaled.transpose(1, 2)  # (B, T or 1, 16 h w)
         # Sub-pixel order (y, x, a1, b1, a2, b2) -> row 4y + 2 a1 + a2, column 4x + 2 b1 + b2.
-        masks = masks.view(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, -1, 4 * h, 4 * w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return masks.view(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, -1, 4 * h, 4 * w)
 
     def upscale_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` on the image tokens ``(B, h*w, C)`` -> ``(B, 16 h w, C / 8)`` channels-last.
@@ -138,16 +188,25 @@ class MaskDecoder(nn.Module):
         Each 2x2 stride-2 transposed convolution maps a pixel to its own 2x2 block (no overlap), so it is one matrix
         product to the four sub-pixels' channels, and the layer norm and activations act per pixel: the pixels stay
         in sub-pixel order (``(y, x, a1, b1, a2, b2)`` for output pixel ``(4y + 2 a1 + a2, 4x + 2 b1 + b2)``) and
-        only the few mask channels are put in image order, by the caller. Same sums as the convolutions, without the
-        layout copies of ``(B, C, H, W)`` and oneDNN's slow small transposed convolutions.
+        only the few mask channels are put in image order, by :meth:`masks`. Same sums as the convolutions, without
+        the layout copies of ``(B, C, H, W)`` and oneDNN's slow small transposed convolutions.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
         x = tokens
         for layer in (up1, up2):
-            # weight (Cin, Cout, 2, 2) -> (Cin, 2 * 2 * Cout): output columns ordered (a, b, channel).
+            # weight (Cin, Cout, 2, 2) -> (Cin, 2 * 2 * Cout): output columns ordered (a, b, channel); a view where the
+            # weight is stored so (store_subpixel_major). The bias, the same for the four sub-pixels, is added by the
+            # product itself.
             weight = layer.weight.permute(0, 2, 3, 1).reshape(layer.in_channels, -1)
-            bias = layer.bias.repeat(4)  # the same bias for the four sub-pixels, added by the product itself
-            x = torch.addmm(bias, x.reshape(-1, layer.in_channels), weight).view(x.shape[0], -1, layer.out_channels)
+            x = torch.addmm(layer.bias.repeat(4), x.reshape(-1, layer.in_channels), weight)
+            x = x.view(tokens.shape[0], -1, layer.out_channels)
             if layer is up1:
                 x = act1(F.layer_norm(x, (layer.out_channels,), norm.weight, norm.bias, norm.eps))
         return act2(x)
+
+
+def store_subpixel_major(layer: nn.ConvTranspose2d) -> None:
+    """Store a 2x2 stride-2 transposed convolution's weight ``(Cin, Cout, 2, 2)`` as :meth:`MaskDecoder.upscale_tokens`
+    reads it, ``(Cin, 2, 2, Cout)`` contiguous: same shape, values and state dict, and a click reads the weight as a
+    ``(Cin, 4 Cout)`` matrix in place instead of copying it (256 KB) into that order."""
+    layer.weight.data = layer.weight.data.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

@@ -208,10 +208,13 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def first_layer_terms(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The first block's prompt-independent projections (:meth:`TwoWayAttentionBlock.image_terms`) of
-        ``image_embedding`` ``(1, C, h, w)`` with ``image_pe`` ``(1, C, h, w)``, to pass to :meth:`forward`."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        return self.layers[0].image_terms(keys, image_pe.flatten(2).transpose(1, 2))
+        """What :meth:`forward` computes from ``image_embedding`` ``(1, C, h, w)`` and ``image_pe`` ``(1, C, h, w)``
+        whatever the prompt, to pass to it: the image tokens ``keys`` and ``key_pe`` ``(1, h*w, C)`` laid out token
+        by token (sums with the channel-major embedding read it across the grain, about 10x slower), and the first
+        block's projections (:meth:`TwoWayAttentionBlock.image_terms`)."""
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        return {"keys": keys, "key_pe": key_pe, **self.layers[0].image_terms(keys, key_pe)}
 
     def forward(
         self,
@@ -221,11 +224,13 @@ class TwoWayTransformer(nn.Module):
         first_layer_terms: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``first_layer_terms``: :meth:`first_layer_terms` of this ``image_embedding`` (batch 1, shared by the B
-        prompt rows) when the caller has them."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        prompt rows) when the caller has them; only ``key_pe`` of them where the embedding is new (a mask prompt)."""
+        terms = first_layer_terms or {}
+        keys = terms["keys"] if "keys" in terms else image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = terms["key_pe"] if "key_pe" in terms else image_pe.flatten(2).transpose(1, 2).contiguous()
+        block_terms = terms if "t2i_k" in terms else None
         queries = point_embedding
         for i, layer in enumerate(self.layers):
-            queries, keys = layer(queries, keys, point_embedding, key_pe, first_layer_terms if i == 0 else None)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, block_terms if i == 0 else None)
         attn_out = self.final_attn_token_to_image.attend_to_many(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn_out), keys

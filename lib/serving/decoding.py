@@ -80,8 +80,8 @@ def prompt_independent_inputs(
 
     Returns ``image_pe`` ``(1, C, h, w)`` (the dense positional encoding: it depends on the weights only, so pass
     the model's one and every entry shares it), ``src_no_mask`` = features + the dense embedding used when there
-    is no mask prompt (what the decoder's transformer reads) and, under ``first_layer.*``, the transformer's first
-    projections of ``src_no_mask`` (:meth:`TwoWayTransformer.first_layer_terms`).
+    is no mask prompt (what the decoder's transformer reads) and, under ``first_layer.*``, the image tokens in the
+    transformer's layout and its first projections of ``src_no_mask`` (:meth:`TwoWayTransformer.first_layer_terms`).
     """
     prompt_encoder = model.prompt_encoder
     if image_pe is None:
@@ -120,27 +120,36 @@ def decode_rows(
     """
     if not entry.extras:
         entry.extras.update(prompt_independent_inputs(model, entry.features))
+    multimask = decoding.multimask_output if multimask_output is None else multimask_output
     onnx_decoder = entry.extras.get("onnx_decoder")
     if onnx_decoder is not None:
         # --conf backend onnxruntime: the same outputs from ONNX Runtime (lib.serving.onnx_backend.OnnxDecoder).
         mask = None if previous_low_res is None else decoding.mask_input(previous_low_res)
         masks, iou = onnx_decoder(entry.features, point_coords, point_labels, boxes, mask)
-    else:
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, _ = model.prompt_encoder(points, boxes, None)
-        first_layer = None
-        if previous_low_res is None:
-            src = entry.extras["src_no_mask"]
-            first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
-            first_layer = first_layer or None  # extras made without them: computed per click
-        else:
-            src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
-        masks, iou = model.mask_decoder.predict_masks_from_src(src, entry.extras["image_pe"], sparse, first_layer)
-    multimask = decoding.multimask_output if multimask_output is None else multimask_output
-    # Multimask: the best of outputs 1..3 (the published decoder's multimask slice); otherwise output 0.
-    best = iou[:, 1:].argmax(dim=1) + 1 if multimask else torch.zeros_like(iou[:, 0], dtype=torch.long)
-    rows = torch.arange(iou.shape[0], device=iou.device)
-    return masks[rows, best][:, None].clone(), iou[rows, best]
+        best = kept_output(iou, multimask)
+        rows = torch.arange(iou.shape[0], device=iou.device)
+        return masks[rows, best][:, None].clone(), iou[rows, best]
+    points = (point_coords, point_labels) if point_coords is not None else None
+    sparse, _ = model.prompt_encoder(points, boxes, None)
+    first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
+    if previous_low_res is None:
+        src = entry.extras["src_no_mask"]
+    else:  # a new embedding: of the first layer's terms only the positional encoding's layout still holds
+        src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
+        first_layer = {"key_pe": first_layer["key_pe"]} if "key_pe" in first_layer else None
+    decoded = model.mask_decoder.decode_tokens(src, entry.extras["image_pe"], sparse, first_layer)
+    best = kept_output(decoded.iou, multimask)
+    # The predicted IoUs choose the output before any mask is made, so only the kept one is.
+    masks = model.mask_decoder.masks(decoded, best)
+    return masks, decoded.iou.gather(1, best[:, None])[:, 0]
+
+
+def kept_output(iou: torch.Tensor, multimask: bool) -> torch.Tensor:
+    """The output each row keeps, from the predicted IoU ``(R, T)`` of all outputs: with ``multimask`` the best of
+    outputs 1..3 (the published decoder's multimask slice), otherwise output 0; ``(R,)``."""
+    if multimask:
+        return iou[:, 1:].argmax(dim=1) + 1
+    return torch.zeros(iou.shape[0], dtype=torch.long, device=iou.device)
 
 
 def decode_view(

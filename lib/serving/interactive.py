@@ -257,8 +257,6 @@ class InteractiveSegmenter:
     def warm_up(self) -> None:
         """Load the model and run one encode and decode on a blank picture, so that one-time costs (kernel set-up,
         lazy imports) are paid at start and not by the first click. Nothing is cached."""
-        import PIL.PngImagePlugin  # noqa: F401 (the label writer's PNG encoder)
-
         model, _ = self.model()
         size = model.config.image_size
         blank = np.zeros((size // 2, size // 2, 3), dtype=np.uint8)
