@@ -87,7 +87,7 @@ class SamUncertaintyScoring(ScoringMethod):
         self.scores = UncertaintyScores(model_store.model_dir / SCORES_FILE)
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "config": dict(vars(self.config)), "progress": self.scores.load()["progress"]}
+        return {**super().info(), "config": dict(vars(self.config)), "progress": self.scores.progress()}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         if self.model_store.serving_path() is None:
@@ -152,7 +152,8 @@ class SamUncertaintyScoring(ScoringMethod):
                 source = read_image(path)
                 view = source.view(source.num_slices // 2 if source.is_volume else None)
                 with model_for_one_image() as model:
-                    result = UncertaintyScorer(model, self.config, self.decoding).score(view)
+                    encode = self.served().encode if in_server else None  # type: ignore[misc]
+                    result = UncertaintyScorer(model, self.config, self.decoding, encode=encode).score(view)
                 data["scores"][image_id] = {
                     **result.to_dict(),
                     "model_version": version,

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,8 @@ class UncertaintyScorer:
         decoding: the server's decoding rule (preprocessing policy, multimask, threshold).
         cache: optional embedding cache; with ``model_version`` set, embeddings are looked up and stored there.
         model_version: identity of the weights, part of every cache key.
+        encode: runs the image encoder (default ``model.encode``); the server passes
+            :meth:`lib.serving.interactive.InteractiveSegmenter.encode`, its one encoder thread.
     """
 
     def __init__(
@@ -111,8 +115,10 @@ class UncertaintyScorer:
         decoding: ServedDecoding | None = None,
         cache: EmbeddingCache | None = None,
         model_version: str = "",
+        encode: Callable[[SamMed2D, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model = model.eval()
+        self.encode = encode or (lambda model, images: model.encode(images))
         self.config = config or UncertaintyConfig()
         self.decoding = decoding or ServedDecoding()
         self.cache = cache
@@ -132,7 +138,7 @@ class UncertaintyScorer:
             image, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, policy, device=self.model.device
         )
         with torch.no_grad():
-            entry = CachedEmbedding(self.model.encode(tensor), geometry)
+            entry = CachedEmbedding(self.encode(self.model, tensor), geometry)
         if key is not None:
             self.cache.put(key, entry)
         return entry
@@ -214,15 +220,31 @@ class UncertaintyScores:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._read: tuple[tuple[int, int], dict[str, Any]] | None = None
+
+    def _contents(self) -> dict[str, Any]:
+        """The file's contents, parsed again only when it changed: ``/info`` asks for the progress, and MONAI Label
+        asks for the whole ``/info`` on every click, while the file holds a score per image of the datastore."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return {"scores": {}, "progress": {}}
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        if self._read is None or self._read[0] != stamp:
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            self._read = (stamp, {"scores": dict(data.get("scores", {})), "progress": dict(data.get("progress", {}))})
+        return self._read[1]
 
     def load(self) -> dict[str, Any]:
-        if not self.path.is_file():
-            return {"scores": {}, "progress": {}}
-        try:
-            data = json.loads(self.path.read_text())
-        except ValueError:
-            return {"scores": {}, "progress": {}}
-        return {"scores": dict(data.get("scores", {})), "progress": dict(data.get("progress", {}))}
+        """``{"scores": ..., "progress": ...}``, the caller's to change (entries are replaced, not edited)."""
+        data = self._contents()
+        return {"scores": dict(data["scores"]), "progress": dict(data["progress"])}
+
+    def progress(self) -> dict[str, Any]:
+        return dict(self._contents()["progress"])
 
     def save(self, data: dict[str, Any]) -> None:
         write_json_atomic(self.path, data)

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -184,6 +185,10 @@ class InteractiveSegmenter:
         # One encode at a time (an encode uses every core); held apart from the click lock so that clicks on views
         # already encoded never wait for another user's new image.
         self._encode_lock = threading.Lock()
+        # Every encode runs on this one thread (started on the first): a thread that runs the encoder keeps per-thread
+        # buffers of its own (MKL's, its OpenMP team's, a malloc arena) of about 20 MB for its whole life, and the
+        # warm-up, each request thread and the scoring thread would each keep theirs.
+        self._encoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         self.last_load_error: str | None = None
         self._last_click = time.monotonic()
 
@@ -245,11 +250,22 @@ class InteractiveSegmenter:
         set_encoder_precision(model, self.encoder_precision)
         return model
 
+    def encode(self, model: SamMed2D, images: torch.Tensor) -> torch.Tensor:
+        """``model.encode(images)`` ``(B, 3, S, S) -> (B, C, h, w)`` on the segmenter's encoder thread, with
+        ``encode_threads``; the caller holds the encode lock (an encode, :meth:`served_model`)."""
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode(), torch_threads(self.encode_threads):
+                return model.encode(images)
+
+        return self._encoder_thread.submit(run).result()
+
     @contextlib.contextmanager
     def served_model(self) -> Iterator[SamMed2D]:
         """The served model, its weights unchanged for the block: for background work in the server process (scoring)
         that must not hold a second copy of the weights. The block waits for an encode in progress and holds encodes
-        and swaps off until it ends, so keep it to one image; clicks on encoded views go on meanwhile."""
+        and swaps off until it ends, so keep it to one image; clicks on encoded views go on meanwhile. Its encodes
+        go through :meth:`encode`."""
         self.model()
         with self._encode_lock:
             yield self._model  # type: ignore[misc]
@@ -264,8 +280,8 @@ class InteractiveSegmenter:
             tensor, geometry = preprocess_image(
                 blank, size, model.config.pixel_mean, model.config.pixel_std, self.decoding.policy, device=self.device
             )
-            with torch_threads(self.encode_threads):
-                entry = CachedEmbedding(model.encode(tensor), geometry)
+            with self._encode_lock:
+                entry = CachedEmbedding(self.encode(model, tensor), geometry)
             entry.extras.update(self._decoder_inputs(model, entry.features))
         point = ViewPrompts(
             point_coords=np.array([[1.0, 1.0]]),
@@ -352,8 +368,7 @@ class InteractiveSegmenter:
                 )
                 for i in missing
             ]
-            with torch_threads(self.encode_threads):
-                features = model.encode(torch.cat([tensor for tensor, _ in inputs]))
+            features = self.encode(model, torch.cat([tensor for tensor, _ in inputs]))
             for row, (i, (_, geometry)) in enumerate(zip(missing, inputs, strict=True)):
                 view_features = features[row : row + 1].clone()  # its own storage, so the cache sizes it alone
                 extras = self._decoder_inputs(model, view_features)
