@@ -25,8 +25,6 @@ overrides where from ``seed``          seed of the random weights served when th
                   or ``bf16`` (autocast): faster encoding, slightly different masks (``make bench`` prints both)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
-``malloc_arenas`` malloc arenas shared by the server's threads (default 1; glibc's default, 8 per core, keeps each
-                  thread's freed memory apart: tens of MB)
 ``train_checkpoint`` weights the ``sam_med2d`` training task starts from (default: the served model); training
                   requests cannot name files (see ``docs/security.md``)
 ``api_token_file`` a file holding the shared token every request must send as ``Authorization: Bearer <token>``
@@ -83,7 +81,6 @@ from apps.sam_med2d.monailabel_private import running_server_app, wrap_running_a
 from apps.sam_med2d.ohif_viewer import serve_viewer  # noqa: E402
 from apps.sam_med2d.retraining_scheduler import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
-from lib.common.memory import limit_malloc_arenas  # noqa: E402
 from lib.common.settings import RequestError, SettingError, conf_flag  # noqa: E402
 from lib.guard.asgi_threads import ThreadedPaths  # noqa: E402
 from lib.guard.http import GuardPolicy, HttpGuard  # noqa: E402
@@ -182,7 +179,6 @@ class SamMed2DApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.conf = dict(conf or {})
-        limit_malloc_arenas(int(self.conf.get("malloc_arenas", 1)))
         self.limits = Limits.from_conf(self.conf)
         self.upload_dir: Path | None = None  # the server's private temporary folder (request uploads), once serving
         self.network_config: SamMed2DConfig = resolve_config(self.conf.get("model", "vit_b"))

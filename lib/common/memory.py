@@ -28,20 +28,6 @@ def release_freed_memory(collect: bool = True) -> None:
         _libc().malloc_trim(0)
 
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def limit_malloc_arenas(count: int) -> None:
-    """Let threads started from now on share ``count`` malloc arenas (glibc; elsewhere a no-op).
-
-    glibc gives each new thread that allocates an arena of its own (up to 8 per core), and each keeps the memory
-    its thread freed for that thread alone: a server with request, encoder, scoring and OpenMP threads held tens of
-    MB that way. Few cores leave little contention for a shared one.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        _libc().mallopt(_M_ARENA_MAX, count)
-
-
 def drop_mapped_pages(tensor: torch.Tensor) -> None:
     """Drop the pages of a file-mapped, never written ``tensor`` from this process's memory (``madvise``); they
     would be read from the file again if touched. Where that is unavailable the mapping is released as a whole."""

@@ -198,7 +198,7 @@ class MaskDecoder(nn.Module):
             # weight is stored so (store_subpixel_major). The bias, the same for the four sub-pixels, is added by the
             # product itself.
             weight = layer.weight.permute(0, 2, 3, 1).reshape(layer.in_channels, -1)
-            x = torch.addmm(layer.bias.repeat(4), x.reshape(-1, layer.in_channels), weight)
+            x = torch.addmm(torch.cat([layer.bias] * 4), x.reshape(-1, layer.in_channels), weight)
             x = x.view(tokens.shape[0], -1, layer.out_channels)
             if layer is up1:
                 x = act1(F.layer_norm(x, (layer.out_channels,), norm.weight, norm.bias, norm.eps))
