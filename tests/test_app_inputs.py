@@ -14,7 +14,7 @@ from PIL import Image
 
 from lib.common.settings import RequestError
 from lib.io.image_source import ImageReadError, read_image, to_uint8
-from lib.io.volume_io import encode_label_png, read_nrrd, write_label, write_slice_label_nrrd
+from lib.io.volume_io import crc32_of_zeros, encode_label_png, read_nrrd, write_label, write_slice_label_nrrd
 from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.interactive import InteractiveSegmenter
@@ -224,3 +224,12 @@ def test_png_labels_read_back_with_their_values(dtype, value) -> None:
     assert len(encode_label_png(np.zeros((512, 512), np.uint8))) < 2000
     with pytest.raises(ValueError, match="uint8 or uint16"):
         encode_label_png(label.astype(np.int32))
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 4096, 1 << 20, 3 * 262144 + 5])
+def test_crc_of_zero_runs_equals_zlibs(length) -> None:
+    """A volume label's empty slices enter its gzip CRC without being read: the CRC must be zlib's."""
+    import zlib
+
+    for start in (0, zlib.crc32(b"a label slice")):
+        assert crc32_of_zeros(start, length) == zlib.crc32(bytes(length), start)

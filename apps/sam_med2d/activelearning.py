@@ -152,8 +152,7 @@ class SamUncertaintyScoring(ScoringMethod):
                 source = read_image(path)
                 view = source.view(source.num_slices // 2 if source.is_volume else None)
                 with model_for_one_image() as model:
-                    encode = self.served().encode if in_server else None  # type: ignore[misc]
-                    result = UncertaintyScorer(model, self.config, self.decoding, encode=encode).score(view)
+                    result = UncertaintyScorer(model, self.config, self.decoding).score(view)
                 data["scores"][image_id] = {
                     **result.to_dict(),
                     "model_version": version,

@@ -24,7 +24,6 @@ import dataclasses
 import itertools
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +103,6 @@ class UncertaintyScorer:
         decoding: the server's decoding rule (preprocessing policy, multimask, threshold).
         cache: optional embedding cache; with ``model_version`` set, embeddings are looked up and stored there.
         model_version: identity of the weights, part of every cache key.
-        encode: runs the image encoder (default ``model.encode``); the server passes
-            :meth:`lib.serving.interactive.InteractiveSegmenter.encode`, its one encoder thread.
     """
 
     def __init__(
@@ -115,10 +112,8 @@ class UncertaintyScorer:
         decoding: ServedDecoding | None = None,
         cache: EmbeddingCache | None = None,
         model_version: str = "",
-        encode: Callable[[SamMed2D, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model = model.eval()
-        self.encode = encode or (lambda model, images: model.encode(images))
         self.config = config or UncertaintyConfig()
         self.decoding = decoding or ServedDecoding()
         self.cache = cache
@@ -138,7 +133,7 @@ class UncertaintyScorer:
             image, cfg.image_size, cfg.pixel_mean, cfg.pixel_std, policy, device=self.model.device
         )
         with torch.no_grad():
-            entry = CachedEmbedding(self.encode(self.model, tensor), geometry)
+            entry = CachedEmbedding(self.model.encode(tensor), geometry)
         if key is not None:
             self.cache.put(key, entry)
         return entry

@@ -185,9 +185,9 @@ class InteractiveSegmenter:
         # One encode at a time (an encode uses every core); held apart from the click lock so that clicks on views
         # already encoded never wait for another user's new image.
         self._encode_lock = threading.Lock()
-        # Every encode runs on this one thread (started on the first): a thread that runs the encoder keeps per-thread
-        # buffers of its own (MKL's, its OpenMP team's, a malloc arena) of about 20 MB for its whole life, and the
-        # warm-up, each request thread and the scoring thread would each keep theirs.
+        # The warm-up's and every click's encodes run on this one thread (started on the first): a thread that runs the
+        # encoder keeps buffers of its own (MKL's, its OpenMP team's, a malloc arena) of about 20 MB for its whole life,
+        # and the warm-up's thread and each request thread would each keep theirs.
         self._encoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         self.last_load_error: str | None = None
         self._last_click = time.monotonic()
@@ -264,8 +264,8 @@ class InteractiveSegmenter:
     def served_model(self) -> Iterator[SamMed2D]:
         """The served model, its weights unchanged for the block: for background work in the server process (scoring)
         that must not hold a second copy of the weights. The block waits for an encode in progress and holds encodes
-        and swaps off until it ends, so keep it to one image; clicks on encoded views go on meanwhile. Its encodes
-        go through :meth:`encode`."""
+        and swaps off until it ends, so keep it to one image; clicks on encoded views go on meanwhile. The block's
+        own thread encodes (a long-lived one: see ``_encoder_thread``), at its own priority."""
         self.model()
         with self._encode_lock:
             yield self._model  # type: ignore[misc]
