@@ -35,7 +35,7 @@ from lib.io.image_source import ImageReadError, fingerprint, read_image
 from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
 from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding
-from lib.serving.interactive import InteractiveSegmenter
+from lib.serving.interactive import InteractiveSegmenter, torch_threads
 from lib.serving.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,9 @@ class SamUncertaintyScoring(ScoringMethod):
             try:
                 source = read_image(path)
                 view = source.view(source.num_slices // 2 if source.is_volume else None)
-                with model_for_one_image() as model:
+                # In the server, fewer threads too: a core stays free for clicks (and the scoring thread's OpenMP
+                # team, with its per-thread buffers, stays small).
+                with model_for_one_image() as model, torch_threads((self.threads or None) if in_server else None):
                     result = UncertaintyScorer(model, self.config, self.decoding).score(view)
                 data["scores"][image_id] = {
                     **result.to_dict(),
