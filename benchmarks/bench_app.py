@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -323,6 +324,7 @@ def main() -> None:
         rows["peak_swap_gb"] = peak.get("swap", 0) / 1e9
     finally:
         stop_server(url)
+        shutil.rmtree(work, ignore_errors=True)  # the datastore, two ViT-B checkpoints and the store: 2 GB
     rows["floor_imports_gb"], floor_anonymous = server_import_floor_gb()
     rows["weights_gb"] = weights_gb(conf)
     rows["floor_gb"] = rows["floor_imports_gb"] + rows["weights_gb"]
