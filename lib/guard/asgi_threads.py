@@ -67,17 +67,16 @@ class ThreadedPaths:
         self.app = app
         self.direct = tuple(direct)
         self.threads = threads
-        self._workers: list[LoopThread] = []
+        self._started = 0
         self._idle: list[LoopThread] = []
         self._waiting: list[asyncio.Future] = []
 
     async def _acquire(self) -> LoopThread:
         if self._idle:
             return self._idle.pop()
-        if len(self._workers) < self.threads:
-            worker = LoopThread(f"request_{len(self._workers)}")
-            self._workers.append(worker)
-            return worker
+        if self._started < self.threads:
+            self._started += 1
+            return LoopThread(f"request_{self._started - 1}")
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         return await waiter

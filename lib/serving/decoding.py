@@ -128,7 +128,7 @@ def decode_rows(
         masks, iou = onnx_decoder(entry.features, point_coords, point_labels, boxes, mask)
         best = kept_output(iou, multimask)
         rows = torch.arange(iou.shape[0], device=iou.device)
-        return masks[rows, best][:, None].clone(), iou[rows, best]
+        return masks[rows, best][:, None].clone(), iou.gather(1, best[:, None])[:, 0]
     points = (point_coords, point_labels) if point_coords is not None else None
     sparse, _ = model.prompt_encoder(points, boxes, None)
     first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
@@ -136,7 +136,7 @@ def decode_rows(
         src = entry.extras["src_no_mask"]
     else:  # a new embedding: of the first layer's terms only the positional encoding's layout still holds
         src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
-        first_layer = {"key_pe": first_layer["key_pe"]} if "key_pe" in first_layer else None
+        first_layer = {"key_pe": first_layer["key_pe"]}
     decoded = model.mask_decoder.decode_tokens(src, entry.extras["image_pe"], sparse, first_layer)
     best = kept_output(decoded.iou, multimask)
     # The predicted IoUs choose the output before any mask is made, so only the kept one is.
