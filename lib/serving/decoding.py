@@ -108,7 +108,8 @@ def decode_rows(
         model: the network.
         entry: the image's embedding ``features`` ``(1, C, h, w)``; its ``extras`` hold
             :func:`prompt_independent_inputs` (computed here when absent), and ``onnx_decoder`` where the server
-            decodes with ONNX Runtime.
+            decodes with ONNX Runtime, or ``token_decoder`` (a
+            :class:`lib.serving.traced_decoder.TracedTokenDecoder` of ``model``) where it replays recorded graphs.
         decoding: the rule (mask prompt form, default multimask).
         point_coords: ``(R, N, 2)`` (x, y); ``point_labels``: ``(R, N)`` 1 foreground, 0 background.
         boxes: ``(R, 4)`` XYXY.
@@ -129,18 +130,23 @@ def decode_rows(
         best = kept_output(iou, multimask)
         rows = torch.arange(iou.shape[0], device=iou.device)
         return masks[rows, best][:, None].clone(), iou.gather(1, best[:, None])[:, 0]
-    points = (point_coords, point_labels) if point_coords is not None else None
-    sparse, _ = model.prompt_encoder(points, boxes, None)
     first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
     if previous_low_res is None:
         src = entry.extras["src_no_mask"]
     else:  # a new embedding: of the first layer's terms only the positional encoding's layout still holds
         src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
         first_layer = {"key_pe": first_layer["key_pe"]}
-    decoded = model.mask_decoder.decode_tokens(src, entry.extras["image_pe"], sparse, first_layer)
+    image_pe = entry.extras["image_pe"]
+    token_decoder = entry.extras.get("token_decoder")
+    if token_decoder is not None:  # --conf decoder_graphs (default): the same operations from recorded graphs
+        decoded = token_decoder(src, image_pe, point_coords, point_labels, boxes, first_layer)
+    else:
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, _ = model.prompt_encoder(points, boxes, None)
+        decoded = model.mask_decoder.decode_tokens(src, image_pe, sparse, first_layer)
     best = kept_output(decoded.iou, multimask)
     # The predicted IoUs choose the output before any mask is made, so only the kept one is.
-    masks = model.mask_decoder.masks(decoded, best)
+    masks = (token_decoder or model.mask_decoder).masks(decoded, best)
     return masks, decoded.iou.gather(1, best[:, None])[:, 0]
 
 
