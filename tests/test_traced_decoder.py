@@ -106,3 +106,15 @@ def test_in_the_background_a_new_layout_is_decoded_eagerly_until_recorded(model)
         replayed = decode_rows(model, entry, DECODING, coords, labels)
     for got in (first, replayed):
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_the_warm_up_records_on_its_own_thread_and_mask_graphs_serve_every_prompt(model):
+    traced = TracedTokenDecoder(model, background=True)
+    with torch.inference_mode():
+        traced.record_masks((16, 16))
+        assert len(traced) == model.mask_decoder.num_mask_tokens  # recorded before returning, not in the background
+        entry = entry_of(model, torch.randn(1, 256, 16, 16), traced)
+        with traced.recording_here():
+            for points in (1, 4):
+                decode_rows(model, entry, DECODING, *prompts(1, points, False, points)[:2])
+    assert len(traced) == model.mask_decoder.num_mask_tokens + 2  # one per prompt layout, no further mask graphs

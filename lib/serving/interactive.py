@@ -301,7 +301,10 @@ class InteractiveSegmenter:
             multimask_output=True,
             window=None,
         )
-        with torch_threads(self.decode_threads), torch.inference_mode():
+        recording = self._token_decoder.recording_here() if self._token_decoder else contextlib.nullcontext()
+        with torch_threads(self.decode_threads), torch.inference_mode(), recording:
+            if self._token_decoder is not None:
+                self._token_decoder.record_masks(tuple(entry.features.shape[2:]))
             low_res, _ = self._decode(model, entry, point, None)
             self._decode(model, entry, point, low_res)
             view_mask(geometry, low_res, self.decoding)

@@ -13,19 +13,22 @@ made in Python (:meth:`Attention.folds`) are part of it. The graphs read the mod
 weights copied into the model in place (a model swap) serve the next click; a new model object needs a new decoder.
 
 Recording a layout takes about 0.25 s, so a click with a new layout is decoded eagerly while a background thread
-records it for the next click: no click waits for a trace. Replay runs without the graph executor's optimisation
+records it for the next click: no click waits for a trace. The server's warm-up records the layouts of a first click
+(one point, with and without the previous mask) and the mask graphs of every output on its own thread, so that the
+recording, Python under the GIL, does not slow the first clicks. Replay runs without the graph executor's optimisation
 passes (``torch.jit.optimized_execution(False)``, per thread), whose profiling runs would cost tens of milliseconds
 on the first calls of every graph and gain nothing for these small operations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -104,7 +107,30 @@ class TracedTokenDecoder:
         self._pending: set[Layout] = set()
         self._lock = threading.Lock()
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder-trace") if background else None
+        self._here = threading.local()
         self.recorded = 0
+
+    @contextlib.contextmanager
+    def recording_here(self) -> Iterator[None]:
+        """Within the block, layouts new to this thread's calls are recorded on it before answering (the warm-up): the
+        recording is Python under the GIL, which in the background slows the clicks of that moment."""
+        self._here.active = True
+        try:
+            yield
+        finally:
+            self._here.active = False
+
+    def record_masks(self, grid: tuple[int, int]) -> None:
+        """Record the mask graph of every output for one prompt row on a ``grid`` of image tokens, on this thread: a
+        mask graph depends on the output kept, not on the prompt, so a few serve every click."""
+        decoder = self.model.mask_decoder
+        weight = decoder.mask_tokens.weight
+        mask_tokens = weight.new_zeros(1, decoder.num_mask_tokens, decoder.transformer_dim)
+        image_tokens = weight.new_zeros(1, grid[0] * grid[1], decoder.transformer_dim)
+        decoded = DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=grid, iou=mask_tokens)
+        with self.recording_here():
+            for index in range(decoder.num_mask_tokens):
+                self.masks(decoded, torch.tensor([index], device=weight.device))
 
     def __call__(
         self,
@@ -157,7 +183,7 @@ class TracedTokenDecoder:
             if key in self._pending:
                 return None
             self._pending.add(key)
-        if self._recorder is not None:
+        if self._recorder is not None and not getattr(self._here, "active", False):
             self._recorder.submit(self._record, key, make_module, inputs)
             return None
         self._record(key, make_module, inputs)
@@ -165,7 +191,7 @@ class TracedTokenDecoder:
             return self._graphs.get(key)
 
     def _record(self, key: Layout, make_module: Callable[[], nn.Module], inputs: tuple[torch.Tensor, ...]) -> None:
-        if self._recorder is not None and hasattr(os, "nice"):
+        if threading.current_thread().name.startswith("decoder-trace") and hasattr(os, "nice"):
             os.nice(19 - os.nice(0))  # Linux: per thread; a trace never takes a core from a click
         try:
             # Plain copies: tensors made in inference mode cannot be recorded outside it.
