@@ -1,7 +1,7 @@
 """The recorded decoder graphs give the eager decoder's logits, bit for bit, for every prompt layout.
 
-The server replays the decoder's transformer from TorchScript graphs (:class:`TracedTokenDecoder`, ``--conf
-decoder_graphs``, on by default). A graph fixes what it was recorded with; what it must not fix is the prompt's
+With ``--conf decoder_graphs true`` the server replays the prompt encoder and decoder from TorchScript graphs
+(:class:`TracedTokenDecoder`). A graph fixes what it was recorded with; what it must not fix is the prompt's
 values, the image, or the weights (a model swap copies new weights into the served model in place).
 """
 

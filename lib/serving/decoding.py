@@ -138,7 +138,7 @@ def decode_rows(
         first_layer = {"key_pe": first_layer["key_pe"]}
     image_pe = entry.extras["image_pe"]
     token_decoder = entry.extras.get("token_decoder")
-    if token_decoder is not None:  # --conf decoder_graphs (default): the same operations from recorded graphs
+    if token_decoder is not None:  # --conf decoder_graphs true: the same operations from recorded graphs
         decoded = token_decoder(src, image_pe, point_coords, point_labels, boxes, first_layer)
     else:
         points = (point_coords, point_labels) if point_coords is not None else None

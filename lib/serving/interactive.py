@@ -138,9 +138,9 @@ class InteractiveSegmenter:
             decodes a click in about two thirds of torch's time on one thread and holds about 0.1 GB more
             (``docs/benchmarks.md``).
         decoder_graphs: with the torch backend, replay the prompt encoder and the decoder from recorded TorchScript
-            graphs (:class:`lib.serving.traced_decoder.TracedTokenDecoder`): the same logits, bit for bit, and about
-            0.35 ms less per click; a new prompt layout is decoded eagerly while its graph is recorded in the
-            background.
+            graphs (:class:`lib.serving.traced_decoder.TracedTokenDecoder`): the same logits, bit for bit, and 0.3-0.5
+            ms less per click, for about 50 MB more resident memory (opt-in); a new prompt layout is decoded eagerly
+            while its graph is recorded in the background.
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
     """
 
@@ -158,7 +158,7 @@ class InteractiveSegmenter:
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
         backend: str = "torch",
-        decoder_graphs: bool = True,
+        decoder_graphs: bool = False,
         encoder_precision: str = "fp32",
         limits: Limits | None = None,
     ) -> None:
