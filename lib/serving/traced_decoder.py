@@ -102,7 +102,6 @@ class TracedTokenDecoder:
     def __init__(self, model: SamMed2D, max_graphs: int = 24, background: bool = True) -> None:
         self.model = model
         self.max_graphs = max_graphs
-        self.background = background
         self._graphs: OrderedDict[Layout, torch.jit.ScriptModule] = OrderedDict()
         self._pending: set[Layout] = set()
         self._lock = threading.Lock()
