@@ -99,7 +99,7 @@ def test_in_the_background_a_new_layout_is_decoded_eagerly_until_recorded(model)
         expected = decode_rows(model, entry_of(model, entry.features, None), DECODING, coords, labels)
         first = decode_rows(model, entry, DECODING, coords, labels)
         traced.wait()
-        assert len(traced) == 1  # the prompt layout; the mask graph is asked for on the next call
+        assert len(traced) == 2  # the prompt layout's graph and the kept output's mask graph, both asked for at once
         decode_rows(model, entry, DECODING, coords, labels)
         traced.wait()
         assert len(traced) == 2
@@ -118,3 +118,14 @@ def test_the_warm_up_records_on_its_own_thread_and_mask_graphs_serve_every_promp
             for points in (1, 4):
                 decode_rows(model, entry, DECODING, *prompts(1, points, False, points)[:2])
     assert len(traced) == model.mask_decoder.num_mask_tokens + 2  # one per prompt layout, no further mask graphs
+
+
+def test_recording_here_nests_as_the_warm_up_uses_it(model):
+    """The warm-up records the mask graphs inside its own recording block: the block still records on its thread."""
+    traced = TracedTokenDecoder(model, background=True)
+    with torch.inference_mode():
+        entry = entry_of(model, torch.randn(1, 256, 16, 16), traced)
+        with traced.recording_here():
+            traced.record_masks((16, 16))
+            decode_rows(model, entry, DECODING, *prompts(1, 1, False, 0)[:2])
+            assert len(traced) == model.mask_decoder.num_mask_tokens + 1

@@ -137,16 +137,18 @@ def decode_rows(
         src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
         first_layer = {"key_pe": first_layer["key_pe"]}
     image_pe = entry.extras["image_pe"]
-    token_decoder = entry.extras.get("token_decoder")
-    if token_decoder is not None:  # --conf decoder_graphs true: the same operations from recorded graphs
-        decoded = token_decoder(src, image_pe, point_coords, point_labels, boxes, first_layer)
-    else:
+    # --conf decoder_graphs true: the same operations replayed from recorded graphs, where the layout has one.
+    graphs = entry.extras.get("token_decoder")
+    decoded = None if graphs is None else graphs(src, image_pe, point_coords, point_labels, boxes, first_layer)
+    if decoded is None:
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, _ = model.prompt_encoder(points, boxes, None)
         decoded = model.mask_decoder.decode_tokens(src, image_pe, sparse, first_layer)
     best = kept_output(decoded.iou, multimask)
     # The predicted IoUs choose the output before any mask is made, so only the kept one is.
-    masks = (token_decoder or model.mask_decoder).masks(decoded, best)
+    masks = None if graphs is None else graphs.masks(decoded, best)
+    if masks is None:
+        masks = model.mask_decoder.masks(decoded, best)
     return masks, decoded.iou.gather(1, best[:, None])[:, 0]
 
 

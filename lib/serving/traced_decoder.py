@@ -1,5 +1,5 @@
-"""The prompt encoder and the decoder's transformer as TorchScript graphs, one per prompt layout: the same
-operations, without Python between them.
+"""The prompt encoder and the mask decoder as TorchScript graphs, one per prompt layout (and one per kept output for
+the mask): the same operations, without Python between them.
 
 A click's sparse prompt embedding, transformer and IoU head (:meth:`MaskDecoder.decode_tokens`) are about 700 small
 operations on a few prompt tokens and 256 image tokens; in eager mode the Python around each one (module calls, shape
@@ -81,16 +81,16 @@ class _MaskGraph(nn.Module):
         return self.decoder.masks(decoded, torch.tensor([self.index]))
 
 
-def layout(src: torch.Tensor, image_pe: torch.Tensor, named: dict[str, torch.Tensor]) -> Layout:
-    """What a recorded graph is specific to: which prompts and terms are given, and the shapes, dtype and device of
-    every input."""
-    names = tuple(named)
-    return names, tuple((tuple(t.shape), t.dtype, t.device) for t in (src, image_pe, *named.values()))
+def layout(kind: tuple, inputs: tuple[torch.Tensor, ...]) -> Layout:
+    """What a recorded graph is specific to: ``kind`` (which prompts and terms are given, or which output's mask) and
+    the shapes, dtype and device of every input."""
+    return kind, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
 
 
 class TracedTokenDecoder:
-    """The prompt encoder's sparse embedding and :meth:`MaskDecoder.decode_tokens` of ``model``, replayed from
-    recorded graphs where one exists.
+    """The prompt encoder's sparse embedding with :meth:`MaskDecoder.decode_tokens`, and :meth:`MaskDecoder.masks`,
+    of ``model``, replayed from recorded graphs where one exists; where none does yet, the calls return ``None``
+    and :func:`lib.serving.decoding.decode_rows` runs the eager modules (the one eager definition).
 
     Args:
         model: the served model, in eval mode; inference only (the graphs record no gradient).
@@ -113,11 +113,12 @@ class TracedTokenDecoder:
     def recording_here(self) -> Iterator[None]:
         """Within the block, layouts new to this thread's calls are recorded on it before answering (the warm-up): the
         recording is Python under the GIL, which in the background slows the clicks of that moment."""
+        outer = getattr(self._here, "active", False)
         self._here.active = True
         try:
             yield
         finally:
-            self._here.active = False
+            self._here.active = outer
 
     def record_masks(self, grid: tuple[int, int]) -> None:
         """Record the mask graph of every output for one prompt row on a ``grid`` of image tokens, on this thread: a
@@ -139,34 +140,34 @@ class TracedTokenDecoder:
         point_labels: torch.Tensor | None,
         boxes: torch.Tensor | None,
         first_layer: dict[str, torch.Tensor] | None = None,
-    ) -> DecodedTokens:
-        """``src`` ``(B or 1, C, h, w)``, ``image_pe`` ``(1, C, h, w)``, prompts as :func:`decode_rows` takes them
-        (``(B, N, 2)``, ``(B, N)``, ``(B, 4)``), ``first_layer`` as :meth:`MaskDecoder.decode_tokens` takes it."""
+    ) -> DecodedTokens | None:
+        """What :meth:`MaskDecoder.decode_tokens` returns for these prompts, from the layout's graph; ``None`` while
+        it has none (then the caller decodes eagerly). ``src`` ``(B or 1, C, h, w)``, ``image_pe`` ``(1, C, h, w)``,
+        prompts as :func:`decode_rows` takes them (``(B, N, 2)``, ``(B, N)``, ``(B, 4)``), ``first_layer`` as
+        :meth:`MaskDecoder.decode_tokens` takes it."""
         given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, **(first_layer or {})}
         named = {name: given[name] for name in (*PROMPT_NAMES, *FIRST_LAYER_NAMES) if given.get(name) is not None}
-        key = layout(src, image_pe, named)
         names, inputs = tuple(named), (src, image_pe, *named.values())
-        graph = self._graph(key, lambda: _TokenGraph(self.model.prompt_encoder, self.model.mask_decoder, names), inputs)
+        model = self.model
+        graph = self._graph(
+            layout(names, inputs), lambda: _TokenGraph(model.prompt_encoder, model.mask_decoder, names), inputs
+        )
         if graph is None:
-            points = (point_coords, point_labels) if point_coords is not None else None
-            sparse, _ = self.model.prompt_encoder(points, boxes, None)
-            return self.model.mask_decoder.decode_tokens(src, image_pe, sparse, first_layer)
+            return None
         with torch.jit.optimized_execution(False):
             mask_tokens, image_tokens, iou = graph(*inputs)
         return DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=tuple(src.shape[2:]), iou=iou)
 
-    def masks(self, decoded: DecodedTokens, outputs: torch.Tensor) -> torch.Tensor:
-        """:meth:`MaskDecoder.masks` of the kept ``outputs`` ``(B,)``; one prompt row (a click) replays the graph of
-        its output (one per output index), several rows decode eagerly."""
-        decoder = self.model.mask_decoder
+    def masks(self, decoded: DecodedTokens, outputs: torch.Tensor) -> torch.Tensor | None:
+        """What :meth:`MaskDecoder.masks` returns for the kept ``outputs`` ``(B,)``, from the graph of that output
+        (one prompt row, a click); ``None`` for several rows or while the graph is not recorded."""
         if decoded.mask_tokens.shape[0] != 1:
-            return decoder.masks(decoded, outputs)
-        index = int(outputs[0])
+            return None
+        decoder, index, grid = self.model.mask_decoder, int(outputs[0]), decoded.grid
         inputs = (decoded.mask_tokens, decoded.image_tokens)
-        key = (("masks", index, decoded.grid), tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
-        graph = self._graph(key, lambda: _MaskGraph(decoder, index, decoded.grid), inputs)
+        graph = self._graph(layout(("masks", index, grid), inputs), lambda: _MaskGraph(decoder, index, grid), inputs)
         if graph is None:
-            return decoder.masks(decoded, outputs)
+            return None
         with torch.jit.optimized_execution(False):
             return graph(*inputs)
 
@@ -213,6 +214,6 @@ class TracedTokenDecoder:
         return len(self._graphs)
 
     def wait(self) -> None:
-        """Wait until every layout asked for so far is recorded (tests, warm-up)."""
+        """Wait until every layout asked for so far is recorded (tests)."""
         if self._recorder is not None:
             self._recorder.submit(lambda: None).result()
