@@ -32,6 +32,7 @@ class Adapter(nn.Module):
             nn.ReLU(),
         )
         self.norm = nn.LayerNorm(dim)
+        store_output_major(self.spatial[2])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -50,17 +51,18 @@ class Adapter(nn.Module):
             # cannot express ``fold`` with a constant output size.
             return self.norm(x + self.spatial(gated).permute(0, 2, 3, 1))
         down, down_hw = conv2d_by_matmul(gated, self.spatial[0])
-        up = conv_transpose_by_matmul(F.relu(down), down_hw, self.spatial[2])
+        up = conv_transpose_by_matmul(F.relu(down), x.shape[0], down_hw, self.spatial[2])
         return self.norm(x + F.relu(up).permute(0, 2, 3, 1))
 
 
 def conv2d_by_matmul(x: torch.Tensor, layer: nn.Conv2d) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``layer(x)`` as ``unfold`` (im2col) and one matrix product, returned as tokens.
+    """``layer(x)`` as ``unfold`` (im2col) and one matrix product, returned channel-major.
 
-    Same result as the convolution; on CPU about 20% faster than oneDNN for the adapter's strided 3x3 convolution,
-    and the output comes channels-last, as the next matrix product wants it.
+    Same sums as the convolution; on CPU about 20% faster than oneDNN for the adapter's strided 3x3 convolution. The
+    weight ``(Cout, Cin * kh * kw)`` is the left factor as it is stored, and the few output pixels (64 at 256 input)
+    the right one, which MKL runs faster than the transposed product.
 
-    ``x``: ``(B, Cin, H, W)`` -> ``(B, Ho * Wo, Cout)`` and ``(Ho, Wo)``.
+    ``x``: ``(B, Cin, H, W)`` -> ``(Cout, B * Ho * Wo)`` (columns ordered image, then pixel) and ``(Ho, Wo)``.
     """
     height, width = x.shape[-2:]
     kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
@@ -69,19 +71,23 @@ def conv2d_by_matmul(x: torch.Tensor, layer: nn.Conv2d) -> tuple[torch.Tensor, t
         for i, size in enumerate((height, width))
     )
     columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, Cin * kh * kw, L)
-    out = columns.transpose(1, 2) @ layer.weight.reshape(layer.out_channels, -1).t()
+    columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # (Cin * kh * kw, B * L): a view for one image
+    out = layer.weight.reshape(layer.out_channels, -1) @ columns
     if layer.bias is not None:
-        out = out + layer.bias
+        out = out + layer.bias[:, None]
     return out, out_hw  # type: ignore[return-value]
 
 
-def conv_transpose_by_matmul(tokens: torch.Tensor, in_hw: tuple[int, int], layer: nn.ConvTranspose2d) -> torch.Tensor:
-    """``layer`` applied to a token grid, as one matrix product and a ``fold`` (col2im).
+def conv_transpose_by_matmul(
+    x: torch.Tensor, batch: int, in_hw: tuple[int, int], layer: nn.ConvTranspose2d
+) -> torch.Tensor:
+    """``layer`` applied to channel-major pixels, as one matrix product and a ``fold`` (col2im).
 
-    Same result as the transposed convolution; on CPU about 3x faster for the adapter's 4x4 stride-2 one.
+    Same sums as the transposed convolution; on CPU about 3x faster for the adapter's 4x4 stride-2 one. The weight,
+    stored output-major (:func:`store_output_major`), is read in place as the ``(Cout * kh * kw, Cin)`` left factor.
 
-    ``tokens``: ``(B, h * w, Cin)`` of an ``(h, w)`` grid -> ``(B, Cout, H, W)`` with
-    ``H = (h - 1) * stride - 2 * padding + kernel``.
+    ``x``: ``(Cin, B * h * w)`` of ``batch`` ``(h, w)`` grids (as :func:`conv2d_by_matmul` returns them) ->
+    ``(B, Cout, H, W)`` with ``H = (h - 1) * stride - 2 * padding + kernel``.
     """
     (height, width), kernel = in_hw, layer.kernel_size
     stride, padding = layer.stride, layer.padding
@@ -89,9 +95,18 @@ def conv_transpose_by_matmul(tokens: torch.Tensor, in_hw: tuple[int, int], layer
         (height - 1) * stride[0] - 2 * padding[0] + kernel[0],
         (width - 1) * stride[1] - 2 * padding[1] + kernel[1],
     )
-    # weight (Cin, Cout, kh, kw): every input token spreads over a kh x kw patch of every output channel.
-    columns = (tokens @ layer.weight.reshape(layer.in_channels, -1)).transpose(1, 2)  # (B, Cout * kh * kw, h * w)
+    # weight (Cin, Cout, kh, kw): every input pixel spreads over a kh x kw patch of every output channel.
+    columns = layer.weight.reshape(layer.in_channels, -1).t() @ x  # (Cout * kh * kw, B * h * w)
+    columns = columns.view(columns.shape[0], batch, -1).transpose(0, 1)  # (B, Cout * kh * kw, h * w)
     out = F.fold(columns, out_hw, kernel_size=kernel, stride=stride, padding=padding)
     if layer.bias is not None:
         out = out + layer.bias[:, None, None]
     return out
+
+
+def store_output_major(layer: nn.ConvTranspose2d) -> None:
+    """Store a transposed convolution's weight ``(Cin, Cout, kh, kw)`` as ``(Cout, kh, kw, Cin)`` contiguous: same
+    shape, values and state dict (``load_state_dict`` and optimizers keep the layout), and
+    :func:`conv_transpose_by_matmul` reads it as a contiguous ``(Cout * kh * kw, Cin)`` matrix, which MKL multiplies
+    about 15% faster than the transpose of the stored ``(Cin, Cout * kh * kw)`` one (1.7 of 11 ms per adapter)."""
+    layer.weight.data = layer.weight.data.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)

@@ -7,7 +7,8 @@ Faithful to the published network (same parameters, same outputs) but computed w
   keys and values are filled in with that bias instead of being computed.
 * The decomposed relative-position bias enters one fused ``scaled_dot_product_attention`` call as its additive
   mask, instead of separate matmul, add, softmax and matmul passes over the ``(L, L)`` scores.
-* The output projection also runs on the real tokens only.
+* Only the real tokens are queries of the windowed attention (the padded ones are keys and values there, but their
+  outputs are dropped): 256 queries instead of 784 at 256 input, and the output projection runs on the real tokens.
 """
 
 from __future__ import annotations
@@ -42,11 +43,7 @@ def relative_position_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a token grid with decomposed relative-position bias.
-
-    Works on one grid or on a batch of windows: input ``(B, H, W, 3C)`` already-projected ``qkv``,
-    output ``(B, H, W, C)`` before the output projection (see :meth:`attend`).
-    """
+    """Multi-head self-attention over a token grid, or within its windows, with decomposed relative-position bias."""
 
     def __init__(self, dim: int, num_heads: int, grid_size: int) -> None:
         super().__init__()
@@ -58,36 +55,59 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """``qkv``: ``(B, H, W, 3C)`` -> attention output ``(B, H, W, C)``."""
-        batch, height, width, _ = qkv.shape
-        tokens = height * width
-        # (3, B, heads, H*W, head_dim)
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        table_h = relative_position_table(self.rel_pos_h, height)  # (H, H, head_dim)
-        table_w = relative_position_table(self.rel_pos_w, width)  # (W, W, head_dim)
-        grid_q = q.reshape(batch, self.num_heads, height, width, -1)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)  # (B, heads, H, W, H_k)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)  # (B, heads, H, W, W_k)
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, self.num_heads, tokens, tokens)
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: tuple[int, int], kv_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """Attention of the queries of a ``q_hw`` grid over the keys of a ``kv_hw`` grid that holds it at its top
+        left (the same grid, or a window with padding below and right of its real tokens).
+
+        Args:
+            q: ``(B, heads, Hq * Wq, head_dim)``; ``k``, ``v``: ``(B, heads, Hk * Wk, head_dim)``.
+            q_hw: ``(Hq, Wq)``, at most ``kv_hw`` = ``(Hk, Wk)``.
+
+        Returns:
+            ``(B, Hq, Wq, C)``, before the output projection.
+        """
+        batch, heads, _, _ = q.shape
+        (height, width), (key_height, key_width) = q_hw, kv_hw
+        grid_q = q.reshape(batch, heads, height, width, -1)
+        table_h = relative_position_table(self.rel_pos_h, key_height)[:height]  # (Hq, Hk, head_dim)
+        table_w = relative_position_table(self.rel_pos_w, key_width)[:width]  # (Wq, Wk, head_dim)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)  # (B, heads, Hq, Wq, Hk)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)  # (B, heads, Hq, Wq, Wk)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, height * width, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return out.transpose(1, 2).reshape(batch, height, width, -1)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, ..., C)`` tokens of a grid -> ``(B, heads, tokens, head_dim)``."""
+        return x.reshape(x.shape[0], -1, self.num_heads, x.shape[-1] // self.num_heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         """``x``: normalised tokens ``(B, H, W, C)`` -> ``(B, H, W, C)``.
 
         With ``window_size > 0`` attention runs inside non-overlapping windows of the grid padded (with zero tokens,
-        as the published encoder pads) to a multiple of the window.
+        as the published encoder pads) to a multiple of the window. The padded tokens are keys and values there, but
+        their outputs are dropped, so only the real tokens are queries: 256 instead of 784 at 256 input.
         """
         batch, height, width, dim = x.shape
         qkv = self.qkv(x)
-        if window_size > 0:
-            # A zero (padding) token projects to the bias; computed through the layer so that a quantised one works.
-            windows = window_partition(qkv, window_size, pad=self.qkv(x.new_zeros(1, dim))[0])
-            attended = self.attend(windows.flatten(0, 2)).view(*windows.shape[:-1], -1)
-            out = window_unpartition(attended, (height, width))
-        else:
-            out = self.attend(qkv)
+        q, kv = qkv[..., :dim], qkv[..., dim:]
+        if window_size <= 0:
+            k, v = kv.split(dim, dim=-1)
+            grid = (height, width)
+            out = self.attend(self.split_heads(q), self.split_heads(k), self.split_heads(v), grid, grid)
+            return self.proj(out)
+        # A zero (padding) token projects to the bias; computed through the layer so that a quantised one works.
+        kv_windows = window_partition(kv, window_size, pad=self.qkv(x.new_zeros(1, dim))[0, dim:])
+        out = x.new_empty(batch, height, width, dim)
+        for i, rows in _window_slices(height, window_size):
+            for j, cols in _window_slices(width, window_size):
+                k, v = kv_windows[:, i, j].split(dim, dim=-1)
+                window_q = self.split_heads(q[:, rows, cols])
+                hw = (rows.stop - rows.start, cols.stop - cols.start)
+                window = (window_size, window_size)
+                out[:, rows, cols] = self.attend(window_q, self.split_heads(k), self.split_heads(v), hw, window)
         return self.proj(out)
 
 
@@ -113,17 +133,6 @@ def window_partition(x: torch.Tensor, window_size: int, pad: torch.Tensor | None
         for j, col in cols:
             windows[:, i, j, : row.stop - row.start, : col.stop - col.start] = x[:, row, col]
     return windows
-
-
-def window_unpartition(windows: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B, nH, nW, ws, ws, C)`` -> ``(B, H, W, C)``, padding dropped."""
-    batch, _, _, window_size, _, channels = windows.shape
-    height, width = grid_hw
-    out = windows.new_empty(batch, height, width, channels)
-    for i, row in _window_slices(height, window_size):
-        for j, col in _window_slices(width, window_size):
-            out[:, row, col] = windows[:, i, j, : row.stop - row.start, : col.stop - col.start]
-    return out
 
 
 class Block(nn.Module):
