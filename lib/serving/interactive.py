@@ -26,7 +26,7 @@ from lib.common.memory import release_freed_memory
 from lib.guard.limits import Limits
 from lib.io.image_source import ImageSource, fingerprint, read_image
 from lib.modeling import SamMed2D
-from lib.modeling.reduced_precision import PRECISIONS, set_encoder_precision
+from lib.modeling.reduced_precision import PRECISIONS, cpu_has_native, set_encoder_precision
 from lib.serving.decoding import ServedDecoding, decode_view, prompt_independent_inputs, view_mask
 from lib.serving.embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from lib.serving.model_store import ModelStore
@@ -167,6 +167,12 @@ class InteractiveSegmenter:
             raise ValueError(f"encoder precision must be one of {PRECISIONS}, got {encoder_precision!r}")
         if encoder_precision == "int8" and torch.device(device).type != "cpu":
             raise ValueError("encoder precision int8 runs on the CPU: use bf16 on a GPU")
+        if encoder_precision != "fp32" and torch.device(device).type == "cpu" and not cpu_has_native(encoder_precision):
+            # bf16 without AVX512-BF16/AMX was 22x slower than fp32 on an AVX2 EPYC; int8 without VNNI still 1.3x faster
+            logger.warning(
+                f"encoder precision {encoder_precision}: this CPU has no native {encoder_precision} matrix products "
+                "(docs/benchmarks.md); fp32 may be faster"
+            )
         self.encoder_precision = encoder_precision
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
