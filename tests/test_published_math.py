@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from benchmarks import published_reference
+from lib.modeling.adapter import Adapter
 from lib.modeling.build import build_model
 from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
 from lib.serving.embedding_cache import CachedEmbedding
@@ -77,3 +79,24 @@ def test_served_rows_with_cached_image_terms_equal_published_math_per_row(model)
             )
             torch.testing.assert_close(low_res[row : row + 1], ref_low, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(iou[row], ref_iou[0, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_seeded_adapter_weights_do_not_depend_on_their_storage():
+    """A seed gives the adapter the published initialisation (its layers built in order, then Kaiming-normal,
+    fan_out), whatever layout the weights are stored in (the transposed convolution's is re-laid output-major): a
+    ``--conf seed`` serves the same weights as before."""
+    torch.manual_seed(5)
+    adapter = Adapter(16)
+    torch.manual_seed(5)
+    published_layers = [
+        nn.Linear(16, 4, bias=False),
+        nn.Linear(4, 16, bias=False),
+        nn.Conv2d(16, 16, kernel_size=3, stride=2, padding=1, bias=False),
+        nn.ConvTranspose2d(16, 16, kernel_size=4, stride=2, padding=1, bias=False),
+    ]
+    for layer in published_layers:
+        nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+    ours = [adapter.channel[0], adapter.channel[2], adapter.spatial[0], adapter.spatial[2]]
+    for mine, published in zip(ours, published_layers, strict=True):
+        assert torch.equal(mine.weight, published.weight), mine
+    assert not adapter.spatial[2].weight.is_contiguous()  # the re-laid one is among them

@@ -32,8 +32,9 @@ class Adapter(nn.Module):
             nn.ReLU(),
         )
         self.norm = nn.LayerNorm(dim)
-        store_output_major(self.spatial[2])
         self.reset_parameters()
+        # After the initialisation, which fills a weight in memory order: re-laid first, a seed would give other values.
+        store_output_major(self.spatial[2])
 
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out) initialisation, as the published code gives fresh adapters."""
