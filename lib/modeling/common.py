@@ -46,4 +46,14 @@ def store_weights_input_major(module: nn.Module) -> None:
     """
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
-            layer.weight.data = layer.weight.data.t().contiguous().t()
+            store_weight_in_memory_order(layer, (1, 0))
+
+
+def store_weight_in_memory_order(layer: nn.Module, order: tuple[int, ...]) -> None:
+    """Re-lay ``layer.weight`` so that its memory holds the dimensions ``order`` (outermost first), contiguous.
+
+    Same shape, values and state dict (``load_state_dict``, ``.to`` and optimizers keep the layout); the layer's
+    initialisation must come first, as it fills the weight in memory order.
+    """
+    weight = layer.weight.data.permute(order).contiguous()
+    layer.weight.data = weight.permute(sorted(range(len(order)), key=order.__getitem__))

@@ -101,12 +101,12 @@ class Attention(nn.Module):
         # A zero (padding) token projects to the bias; computed through the layer so that a quantised one works.
         kv_windows = window_partition(kv, window_size, pad=self.qkv(x.new_zeros(1, dim))[0, dim:])
         out = x.new_empty(batch, height, width, dim)
+        window = (window_size, window_size)
         for i, rows in _window_slices(height, window_size):
             for j, cols in _window_slices(width, window_size):
                 k, v = kv_windows[:, i, j].split(dim, dim=-1)
                 window_q = self.split_heads(q[:, rows, cols])
                 hw = (rows.stop - rows.start, cols.stop - cols.start)
-                window = (window_size, window_size)
                 out[:, rows, cols] = self.attend(window_q, self.split_heads(k), self.split_heads(v), hw, window)
         return self.proj(out)
 
@@ -116,19 +116,16 @@ def _window_slices(size: int, window_size: int) -> list[tuple[int, slice]]:
     return [(i, slice(start, min(start + window_size, size))) for i, start in enumerate(range(0, size, window_size))]
 
 
-def window_partition(x: torch.Tensor, window_size: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+def window_partition(x: torch.Tensor, window_size: int, pad: torch.Tensor) -> torch.Tensor:
     """``(B, H, W, C)`` -> windows ``(B, nH, nW, ws, ws, C)``, the grid padded to a multiple of ``window_size``.
 
-    Padded positions hold ``pad`` (``(C,)``; zeros when ``None``). The windows are filled straight from the grid:
-    one copy of the real tokens, no padded intermediate.
+    Padded positions hold ``pad`` ``(C,)``. The windows are filled straight from the grid: one copy of the real
+    tokens, no padded intermediate.
     """
     batch, height, width, channels = x.shape
     rows, cols = _window_slices(height, window_size), _window_slices(width, window_size)
-    if pad is None:
-        windows = x.new_zeros(batch, len(rows), len(cols), window_size, window_size, channels)
-    else:
-        shape = (batch, len(rows), len(cols), window_size, window_size, channels)
-        windows = pad.to(x.dtype).expand(shape).clone()
+    shape = (batch, len(rows), len(cols), window_size, window_size, channels)
+    windows = pad.to(x.dtype).expand(shape).clone()
     for i, row in rows:
         for j, col in cols:
             windows[:, i, j, : row.stop - row.start, : col.stop - col.start] = x[:, row, col]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, store_weights_input_major
+from .common import LayerNorm2d, store_weight_in_memory_order, store_weights_input_major
 from .transformer import TwoWayTransformer
 
 
@@ -209,4 +209,4 @@ def store_subpixel_major(layer: nn.ConvTranspose2d) -> None:
     """Store a 2x2 stride-2 transposed convolution's weight ``(Cin, Cout, 2, 2)`` as :meth:`MaskDecoder.upscale_tokens`
     reads it, ``(Cin, 2, 2, Cout)`` contiguous: same shape, values and state dict, and a click reads the weight as a
     ``(Cin, 4 Cout)`` matrix in place instead of copying it (256 KB) into that order."""
-    layer.weight.data = layer.weight.data.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    store_weight_in_memory_order(layer, (0, 2, 3, 1))

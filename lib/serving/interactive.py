@@ -168,10 +168,10 @@ class InteractiveSegmenter:
         if encoder_precision == "int8" and torch.device(device).type != "cpu":
             raise ValueError("encoder precision int8 runs on the CPU: use bf16 on a GPU")
         if encoder_precision != "fp32" and torch.device(device).type == "cpu" and not cpu_has_native(encoder_precision):
-            # bf16 without AVX512-BF16/AMX was 22x slower than fp32 on an AVX2 EPYC; int8 without VNNI still 1.3x faster
+            # on an AVX2 EPYC: bf16 without AVX512-BF16/AMX was 22x slower than fp32, int8 without VNNI 1.29x faster
             logger.warning(
-                f"encoder precision {encoder_precision}: this CPU has no native {encoder_precision} matrix products "
-                "(docs/benchmarks.md); fp32 may be faster"
+                f"encoder precision {encoder_precision}: this CPU has no native {encoder_precision} matrix products, "
+                "so it can be slower than fp32 (bf16 is); `python -m benchmarks.bench_model` measures both"
             )
         self.encoder_precision = encoder_precision
         if backend not in BACKENDS:
