@@ -11,10 +11,9 @@ slows all rows alike.
 
 Rows: the image encoder (seconds per image); a click (ms): prompt encoder + mask decoder with
 ``multimask_output=True`` and the best predicted IoU kept, which is what the server decodes per click, for one point,
-a box and a point with the previous mask; ``ours torch graphs`` replays the prompt encoder and decoder from recorded
-graphs (:mod:`lib.serving.traced_decoder`, the server's opt-in ``--conf decoder_graphs true``). The largest
-difference of each output from the published code's is printed next to it, and so is the re-implemented published
-math (:mod:`benchmarks.published_reference`), kept as a fidelity reference.
+a box and a point with the previous mask. The largest difference of each output from the published code's is printed
+next to it, and so is the re-implemented published math (:mod:`benchmarks.published_reference`), kept as a fidelity
+reference.
 """
 
 from __future__ import annotations
@@ -42,12 +41,11 @@ from lib.io.checkpoint import load_model
 from lib.modeling import SamMed2D
 from lib.modeling.build import build_model
 from lib.modeling.reduced_precision import cpu_has_native, set_encoder_precision
-from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
+from lib.serving.decoding import ServedDecoding, decode_rows
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.export import export_onnx
 from lib.serving.onnx_backend import OnnxSamMed2D
 from lib.serving.predictor import Predictor
-from lib.serving.traced_decoder import TracedTokenDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))
@@ -190,10 +188,6 @@ def main() -> None:
             encoders[f"ours torch {precision} encoder"] = lambda model=model: model.encode(x)
         encoder_s = alternating_medians(encoders, args.repeats, sync)
         entry = CachedEmbedding(features, None)
-        # --conf decoder_graphs true: recorded graphs, recorded here before the timing.
-        traced = TracedTokenDecoder(ours, background=False)
-        graphs_extras = {**prompt_independent_inputs(ours, features), "token_decoder": traced}
-        graphs_entry = CachedEmbedding(features, None, graphs_extras)
         onnx_entry = CachedEmbedding(features, None, {"onnx_decoder": runtime.decoder}) if runtime else None
 
         def published_click(points, boxes, mask):
@@ -216,9 +210,6 @@ def main() -> None:
             def ours_click(coords=coords, labels=labels, boxes=boxes, mask=mask):
                 return decode_rows(ours, entry, decoding, coords, labels, boxes, mask)
 
-            def graphs_click(coords=coords, labels=labels, boxes=boxes, mask=mask):
-                return decode_rows(ours, graphs_entry, decoding, coords, labels, boxes, mask)
-
             def reference_click(points=points, boxes=boxes, mask=mask):
                 return published_reference.decode(ours, features, *(points or (None, None)), boxes, mask, True)
 
@@ -226,12 +217,10 @@ def main() -> None:
             click_diff[kind] = {
                 "published math (re-implemented)": _max_diff(reference_click()[0], expected),
                 "ours torch": _max_diff(ours_click()[0], expected),
-                "ours torch graphs": _max_diff(graphs_click()[0], expected),
             }
             clicks = {
                 "published code": lambda p=(points, boxes, mask): published_click(*p),
                 "ours torch": ours_click,
-                "ours torch graphs": graphs_click,
             }
             if runtime is not None:
 
@@ -262,7 +251,7 @@ def main() -> None:
             f"(prompt encoder + mask decoder, multimask) {min(ratios):.2f}x to {max(ratios):.2f}x"
         )
     print("largest |difference| from the published code's output (encoder features; kept low-res logits per prompt):")
-    for name in list(encoder_diff) + ["ours torch graphs"]:
+    for name in encoder_diff:
         encoder = f"encoder {encoder_diff[name]:.1e}; " if name in encoder_diff else ""
         per_prompt = ", ".join(f"{k} {click_diff[k][name]:.1e}" for k in click_diff)
         print(f"  {name:<34} {encoder}{per_prompt}")

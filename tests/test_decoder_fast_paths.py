@@ -1,7 +1,9 @@
-"""The decoder's folded attention computes what the plain attention computes.
+"""The decoder's fast paths compute what the published computation computes.
 
 :meth:`Attention.attend_to_many` and :meth:`Attention.attend_from_many` regroup the projections of the image tokens
 onto the few prompt tokens; they must give the plain layer's outputs, also for several prompt rows sharing one image.
+:class:`PackedLinear` multiplies by a packed copy of its weight that must follow the weight; a mask prompt's
+first-layer terms are updated from the cached ones (:func:`mask_prompt_terms`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib.modeling.packed_linear import PackedLinear, packing_available
 from lib.modeling.transformer import Attention
 
 
@@ -76,3 +79,58 @@ def test_the_kept_mask_alone_equals_that_output_of_all_masks():
     state = decoder.state_dict()
     assert state["output_upscaling.0.weight"].shape == (256, 64, 2, 2)
     assert state["transformer.layers.0.mlp.lin1.weight"].shape == (2048, 256)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+def test_packed_linear_follows_its_weight_and_trains_as_published():
+    """Inference reads a packed copy: it must equal the plain product, be re-made when the weight changes in place
+    (a model swap), not travel with a copy of the layer, and leave training's computation (and gradients) as
+    ``F.linear``'s."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = PackedLinear(256, 2048)
+    x = torch.randn(2, 7, 256)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5
+        )
+        first = layer.packed[1]
+    with torch.no_grad():
+        layer.load_state_dict({"weight": torch.randn(2048, 256), "bias": torch.randn(2048)})
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5
+        )
+        assert layer.packed[1] is not first
+    copied = copy.deepcopy(layer)
+    assert copied.packed is None
+    plain = torch.nn.Linear(256, 2048)
+    plain.load_state_dict(layer.state_dict())
+    layer(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    assert layer.packed[1] is not None and torch.equal(layer.weight.grad, plain.weight.grad)
+
+
+def test_a_mask_prompt_decodes_from_the_cached_terms_as_from_a_new_embedding():
+    """With a mask prompt the server moves the cached first-layer terms by the mask's 16 channels instead of
+    projecting the image tokens again: the same kept logits and IoU as the decoder on features + dense embedding,
+    for rows with different masks."""
+    from lib.modeling.build import build_model
+    from lib.serving.decoding import ServedDecoding, decode_rows, kept_output
+    from lib.serving.embedding_cache import CachedEmbedding
+
+    torch.manual_seed(0)
+    model = build_model("vit_b").eval()
+    decoding = ServedDecoding()
+    with torch.inference_mode():
+        features = torch.randn(1, 256, 16, 16)
+        coords, labels = torch.rand(3, 2, 2) * 256, torch.tensor([[1, 0], [1, 1], [0, 1]])
+        previous = torch.randn(3, 1, 64, 64) * 4
+        low_res, iou = decode_rows(model, CachedEmbedding(features, None), decoding, coords, labels, None, previous)
+        sparse, dense = model.prompt_encoder((coords, labels), None, decoding.mask_input(previous))
+        decoded = model.mask_decoder.decode_tokens(features + dense, model.prompt_encoder.get_dense_pe(), sparse)
+        kept = kept_output(decoded.iou, True)
+        expected = model.mask_decoder.masks(decoded, kept)
+    torch.testing.assert_close(low_res, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(iou, decoded.iou.gather(1, kept[:, None])[:, 0], atol=1e-5, rtol=0)

@@ -21,9 +21,6 @@ overrides where from ``seed``          seed of the random weights served when th
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
 ``backend``       ``torch`` (default) or ``onnxruntime``: the per-click prompt encoder + mask decoder run by ONNX
                   Runtime (CPU; exported from the served weights when they load; same decoding rule and logits)
-``decoder_graphs`` ``false`` (default) / ``true``: with the torch backend, replay the prompt encoder and decoder
-                  from recorded TorchScript graphs (opt-in: same logits, bit for bit, 0.3-0.5 ms less per click, about
-                  50 MB more memory; ``docs/benchmarks.md``)
 ``encoder_precision`` ``fp32`` (default), ``int8`` (dynamic quantisation of the encoder's linear layers, CPU with VNNI)
                   or ``bf16`` (autocast): faster encoding, slightly different masks (``make bench`` prints both)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
@@ -203,6 +200,8 @@ class SamMed2DApp(MONAILabelApp):
             keep_versions=int(self.conf.get("keep_versions", 5)),
         )
         device = self.conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        if "decoder_graphs" in self.conf:
+            logger.warning("--conf decoder_graphs is gone: the default torch decoder is as fast (docs/benchmarks.md)")
         self.segmenter = InteractiveSegmenter(
             self.model_store,
             device=device,
@@ -212,7 +211,6 @@ class SamMed2DApp(MONAILabelApp):
             decode_threads=int(self.conf.get("decode_threads", 1)) or None,
             encode_threads=int(self.conf.get("encode_threads", 0)) or None,
             backend=self.conf.get("backend", "torch"),
-            decoder_graphs=conf_flag(self.conf, "decoder_graphs", False),
             encoder_precision=self.conf.get("encoder_precision", "fp32"),
             limits=self.limits,
         )

@@ -7,12 +7,22 @@ from torch import nn
 
 
 class MLPBlock(nn.Module):
-    """Two linear layers with an activation: ``(..., C) -> (..., C)`` through ``mlp_dim``."""
+    """Two linear layers with an activation: ``(..., C) -> (..., C)`` through ``mlp_dim``.
 
-    def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
+    ``linear``: the layers' class, ``nn.Linear`` or a subclass with the same parameters (the decoder's
+    :class:`lib.modeling.packed_linear.PackedLinear`).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        mlp_dim: int,
+        act: type[nn.Module] = nn.GELU,
+        linear: type[nn.Linear] = nn.Linear,
+    ) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.lin1 = linear(embedding_dim, mlp_dim)
+        self.lin2 = linear(mlp_dim, embedding_dim)
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,7 @@ class MaskDecoder(nn.Module):
         if src.shape[0] != batch:
             src = src.expand(batch, -1, -1, -1)
         pos_src = image_pe.expand(batch, -1, -1, -1)
-        hs, image_tokens = self.transformer(src, pos_src, tokens, first_layer_terms)
+        hs, image_tokens = self.transformer(src, pos_src, tokens, first_layer_terms, outputs=1 + self.num_mask_tokens)
         return DecodedTokens(
             mask_tokens=hs[:, 1 : 1 + self.num_mask_tokens, :],
             image_tokens=image_tokens,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
+from .packed_linear import PackedLinear
 
 
 class Attention(nn.Module):
@@ -131,7 +132,8 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(embedding_dim)
         self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation)
+        # The prompt tokens' MLP reads the decoder's largest weights for a few rows: packed (PackedLinear).
+        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation, linear=PackedLinear)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
@@ -222,9 +224,15 @@ class TwoWayTransformer(nn.Module):
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
         first_layer_terms: dict[str, torch.Tensor] | None = None,
+        outputs: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``first_layer_terms``: :meth:`first_layer_terms` of this ``image_embedding`` (batch 1, shared by the B
-        prompt rows) when the caller has them; only ``key_pe`` of them where the embedding is new (a mask prompt)."""
+        prompt rows) when the caller has them; only ``key_pe`` of them where the embedding is new (a mask prompt).
+
+        ``outputs``: the number of leading tokens whose outputs are returned, ``(B, outputs, C)`` (``None``: all).
+        The final attention runs for those only: the decoder reads its IoU and mask tokens' outputs, never the
+        prompt tokens' (2 of a click's 7), and each query's attention is its own.
+        """
         terms = first_layer_terms or {}
         keys = terms["keys"] if "keys" in terms else image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = terms["key_pe"] if "key_pe" in terms else image_pe.flatten(2).transpose(1, 2).contiguous()
@@ -232,5 +240,6 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, point_embedding, key_pe, block_terms if i == 0 else None)
+        queries, point_embedding = queries[:, :outputs], point_embedding[:, :outputs]
         attn_out = self.final_attn_token_to_image.attend_to_many(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + attn_out), keys

@@ -108,8 +108,7 @@ def decode_rows(
         model: the network.
         entry: the image's embedding ``features`` ``(1, C, h, w)``; its ``extras`` hold
             :func:`prompt_independent_inputs` (computed here when absent), and ``onnx_decoder`` where the server
-            decodes with ONNX Runtime, or ``token_decoder`` (a
-            :class:`lib.serving.traced_decoder.TracedTokenDecoder` of ``model``) where it replays recorded graphs.
+            decodes with ONNX Runtime.
         decoding: the rule (mask prompt form, default multimask).
         point_coords: ``(R, N, 2)`` (x, y); ``point_labels``: ``(R, N)`` 1 foreground, 0 background.
         boxes: ``(R, 4)`` XYXY.
@@ -131,25 +130,59 @@ def decode_rows(
         rows = torch.arange(iou.shape[0], device=iou.device)
         return masks[rows, best][:, None].clone(), iou.gather(1, best[:, None])[:, 0]
     first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
-    if previous_low_res is None:
-        src = entry.extras["src_no_mask"]
-    else:  # a new embedding: of the first layer's terms only the positional encoding's layout still holds
-        src = entry.features + model.prompt_encoder.mask_downscaling(decoding.mask_input(previous_low_res))
-        first_layer = {"key_pe": first_layer["key_pe"]}
-    image_pe = entry.extras["image_pe"]
-    # --conf decoder_graphs true: the same operations replayed from recorded graphs, where the layout has one.
-    graphs = entry.extras.get("token_decoder")
-    decoded = None if graphs is None else graphs(src, image_pe, point_coords, point_labels, boxes, first_layer)
-    if decoded is None:
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, _ = model.prompt_encoder(points, boxes, None)
-        decoded = model.mask_decoder.decode_tokens(src, image_pe, sparse, first_layer)
+    src = entry.extras["src_no_mask"]
+    if previous_low_res is not None:
+        # The transformer reads the image tokens from these terms; src still gives the grid and the batch.
+        first_layer = mask_prompt_terms(model, first_layer, decoding.mask_input(previous_low_res))
+    points = (point_coords, point_labels) if point_coords is not None else None
+    sparse, _ = model.prompt_encoder(points, boxes, None)
+    decoded = model.mask_decoder.decode_tokens(src, entry.extras["image_pe"], sparse, first_layer)
     best = kept_output(decoded.iou, multimask)
     # The predicted IoUs choose the output before any mask is made, so only the kept one is.
-    masks = None if graphs is None else graphs.masks(decoded, best)
-    if masks is None:
-        masks = model.mask_decoder.masks(decoded, best)
+    masks = model.mask_decoder.masks(decoded, best)
     return masks, decoded.iou.gather(1, best[:, None])[:, 0]
+
+
+def mask_prompt_terms(
+    model: SamMed2D, first_layer: dict[str, torch.Tensor], mask_input: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The first-layer terms (:meth:`TwoWayTransformer.first_layer_terms`) of an image with a mask prompt, from its
+    terms without one, without projecting its image tokens again.
+
+    The dense embedding of a mask is a 1x1 convolution of 16 channels; without a mask it is ``no_mask_embed``. So a
+    mask moves each image token by ``c W^T + b - no_mask`` (``c`` its 16 channels, ``W`` ``(C, 16)``), and each of the
+    first block's three projections ``P`` of the tokens by ``c (P W)^T + P (b - no_mask)``: ``(h*w, 16)`` products
+    instead of ``(h*w, C)`` ones (the same sums, regrouped; 3 of a click's largest products gone).
+
+    Args:
+        first_layer: the terms of the image embedding + the no-mask embedding, batch 1.
+        mask_input: ``(R, 1, s, s)`` the mask prompt as the prompt encoder takes it.
+
+    Returns:
+        the terms of each row's image embedding + its mask's dense embedding, batch ``R``.
+    """
+    *hidden, last = model.prompt_encoder.mask_downscaling
+    channels = mask_input
+    for layer in hidden:
+        channels = layer(channels)
+    channels = channels.flatten(2).transpose(1, 2)  # (R, h*w, 16)
+    weight = last.weight.flatten(1)  # (C, 16)
+    shift = last.bias - model.prompt_encoder.no_mask_embed.weight[0]  # (C,)
+    block = model.mask_decoder.transformer.layers[0]
+    t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+
+    def moved(attention: torch.Tensor, proj: torch.nn.Linear, term: torch.Tensor) -> torch.Tensor:
+        change = torch.addmm(proj.weight @ shift, channels.flatten(0, 1), (proj.weight @ weight).T)
+        return term + attention._separate_heads(change.view(channels.shape[0], channels.shape[1], -1))
+
+    return {
+        "keys": torch.addmm(shift, channels.flatten(0, 1), weight.T).view(channels.shape[0], channels.shape[1], -1)
+        + first_layer["keys"],
+        "key_pe": first_layer["key_pe"],
+        "t2i_k": moved(t2i, t2i.k_proj, first_layer["t2i_k"]),
+        "t2i_v": moved(t2i, t2i.v_proj, first_layer["t2i_v"]),
+        "i2t_q": moved(i2t, i2t.q_proj, first_layer["i2t_q"]),
+    }
 
 
 def kept_output(iou: torch.Tensor, multimask: bool) -> torch.Tensor:

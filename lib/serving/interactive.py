@@ -34,7 +34,6 @@ from lib.serving.onnx_backend import OnnxDecoder
 from lib.serving.preprocessing import preprocess_image
 from lib.serving.prompt_inputs import PropagationRequest, ViewPrompts
 from lib.serving.propagation import SliceMask, Stop, VolumeLabel, propagate_direction
-from lib.serving.traced_decoder import TracedTokenDecoder
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime")
@@ -137,10 +136,6 @@ class InteractiveSegmenter:
             decoding rule is the same (:mod:`lib.serving.decoding`) and the logits equal to about 1e-7; ONNX Runtime
             decodes a click in about two thirds of torch's time on one thread and holds about 0.1 GB more
             (``docs/benchmarks.md``).
-        decoder_graphs: with the torch backend, replay the prompt encoder and the decoder from recorded TorchScript
-            graphs (:class:`lib.serving.traced_decoder.TracedTokenDecoder`): the same logits, bit for bit, and 0.3-0.5
-            ms less per click, for about 50 MB more resident memory (opt-in); a new prompt layout is decoded eagerly
-            while its graph is recorded in the background.
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
     """
 
@@ -158,7 +153,6 @@ class InteractiveSegmenter:
         decode_threads: int | None = 1,
         encode_threads: int | None = None,
         backend: str = "torch",
-        decoder_graphs: bool = False,
         encoder_precision: str = "fp32",
         limits: Limits | None = None,
     ) -> None:
@@ -180,8 +174,6 @@ class InteractiveSegmenter:
             raise ValueError("backend onnxruntime runs on the CPU: use device cpu, or backend torch on a GPU")
         self.backend = backend
         self._onnx_decoder: OnnxDecoder | None = None
-        self.decoder_graphs = decoder_graphs and backend == "torch"
-        self._token_decoder: TracedTokenDecoder | None = None
         self.decode_threads = decode_threads
         self.encode_threads = encode_threads
         self.store = store
@@ -228,8 +220,6 @@ class InteractiveSegmenter:
                 self._image_pe = model.prompt_encoder.get_dense_pe()
             if self.backend == "onnxruntime":
                 self._onnx_decoder = OnnxDecoder.from_model(model, threads=self.decode_threads or 1)
-            if self.decoder_graphs and model is not self._model:  # weights copied in place keep their graphs
-                self._token_decoder = TracedTokenDecoder(model)
             self._model, self._model_key, self._failed_key = model, key, None
             self.last_load_error = None
             self.cache.invalidate()
@@ -307,10 +297,7 @@ class InteractiveSegmenter:
             multimask_output=True,
             window=None,
         )
-        recording = self._token_decoder.recording_here() if self._token_decoder else contextlib.nullcontext()
-        with torch_threads(self.decode_threads), torch.inference_mode(), recording:
-            if self._token_decoder is not None:
-                self._token_decoder.record_masks(tuple(entry.features.shape[2:]))
+        with torch_threads(self.decode_threads), torch.inference_mode():
             low_res, _ = self._decode(model, entry, point, None)
             self._decode(model, entry, point, low_res)
             view_mask(geometry, low_res, self.decoding)
@@ -322,8 +309,6 @@ class InteractiveSegmenter:
         extras: dict[str, Any] = prompt_independent_inputs(model, features, self._image_pe)
         if self._onnx_decoder is not None:
             extras["onnx_decoder"] = self._onnx_decoder
-        if self._token_decoder is not None:
-            extras["token_decoder"] = self._token_decoder
         return extras
 
     # ----------------------------------------------------------------- images
