@@ -18,8 +18,9 @@ SCRIPT = textwrap.dedent(
     def resident_mb():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
-    # A freed 20 MB block raises glibc's dynamic threshold above 6 MB, as loading weights does in a server.
-    torch.ones(5 * 2**20).sum()
+    # A freed 30 MB block raises glibc's dynamic threshold to 30 MB and its trim threshold to 60 MB (so 48 MB freed at
+    # the heap's top stay), as loading weights does in a server.
+    torch.ones(30 * 2**20 // 4).sum()
     if sys.argv[1] == "fixed":
         fix_mmap_threshold()
     before = resident_mb()
