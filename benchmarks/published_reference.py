@@ -78,7 +78,7 @@ def encode(encoder: ImageEncoderViT, x: torch.Tensor) -> torch.Tensor:
 
 def _decoder_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     q, k, v = attn.q_proj(q), attn.k_proj(k), attn.v_proj(v)
-    q, k, v = (attn._separate_heads(t) for t in (q, k, v))
+    q, k, v = (attn.separate_heads(t) for t in (q, k, v))
     scores = (q @ k.permute(0, 1, 3, 2)) / (q.shape[-1] ** 0.5)
     out = scores.softmax(dim=-1) @ v
     b, n_heads, n_tokens, c = out.shape

@@ -38,10 +38,11 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> None:
 
     glibc raises its mmap threshold each time a mapped block is freed, up to 32 MB. A server that has loaded weights
     has it raised, so an encode's activations of several MB come from the heaps and their freed blocks stay resident
-    and fragment. With the threshold fixed at 4 MB, the peaks above the floor measured through REST were lower by
-    0.03-0.05 GB: 0.149-0.153 GB against 0.196-0.206 GB during start-up scoring, 0.156-0.157 against 0.183-0.204
-    during a model swap. Clicks were no slower within the machine's noise; at 1 MB the clicks were slower
-    (``docs/benchmarks.md``).
+    and fragment. Fixed at 4 MB when the server starts (``on_init_complete``), the peak above the floor during
+    start-up scoring measured through REST was 0.156-0.157 GB against 0.186-0.195 GB; the clicks' and a swap's
+    peaks did not move (what was allocated before is on the heaps already; fixed from process start by
+    ``MALLOC_MMAP_THRESHOLD_`` they dropped too). Clicks were no slower within the machine's noise; at 1 MB they
+    were slower (``docs/benchmarks.md``).
     """
     with contextlib.suppress(OSError, AttributeError):
         _libc().mallopt(M_MMAP_THRESHOLD, nbytes)

@@ -34,7 +34,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
-    def _separate_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def separate_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, internal_dim)`` -> ``(B, heads, N, internal_dim / heads)``."""
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
@@ -53,7 +54,7 @@ class Attention(nn.Module):
 
     def heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``proj(x)`` split into heads: ``(B, N, C)`` -> ``(B, heads, N, internal_dim / heads)``."""
-        return self._separate_heads(proj(x))
+        return self.separate_heads(proj(x))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Projected heads (see :meth:`heads`) -> ``(B, Nq, C)``; a batch of 1 (prompt-independent terms computed

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lib.modeling import SamMed2D
+from lib.modeling.transformer import Attention
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.preprocessing import POLICIES, FrameGeometry, PolicyName
 
@@ -165,19 +166,19 @@ def mask_prompt_terms(
     channels = mask_input
     for layer in hidden:
         channels = layer(channels)
-    channels = channels.flatten(2).transpose(1, 2)  # (R, h*w, 16)
+    rows, tokens = channels.shape[0], channels.shape[2] * channels.shape[3]
+    channels = channels.flatten(2).transpose(1, 2).reshape(rows * tokens, -1)  # (R h*w, 16)
     weight = last.weight.flatten(1)  # (C, 16)
     shift = last.bias - model.prompt_encoder.no_mask_embed.weight[0]  # (C,)
     block = model.mask_decoder.transformer.layers[0]
     t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
 
-    def moved(attention: torch.Tensor, proj: torch.nn.Linear, term: torch.Tensor) -> torch.Tensor:
-        change = torch.addmm(proj.weight @ shift, channels.flatten(0, 1), (proj.weight @ weight).T)
-        return term + attention._separate_heads(change.view(channels.shape[0], channels.shape[1], -1))
+    def moved(attention: Attention, proj: torch.nn.Linear, term: torch.Tensor) -> torch.Tensor:
+        change = torch.addmm(proj.weight @ shift, channels, (proj.weight @ weight).T)
+        return term + attention.separate_heads(change.view(rows, tokens, -1))
 
     return {
-        "keys": torch.addmm(shift, channels.flatten(0, 1), weight.T).view(channels.shape[0], channels.shape[1], -1)
-        + first_layer["keys"],
+        "keys": first_layer["keys"] + torch.addmm(shift, channels, weight.T).view(rows, tokens, -1),
         "key_pe": first_layer["key_pe"],
         "t2i_k": moved(t2i, t2i.k_proj, first_layer["t2i_k"]),
         "t2i_v": moved(t2i, t2i.v_proj, first_layer["t2i_v"]),
