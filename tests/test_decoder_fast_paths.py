@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.modeling.packed_linear import PackedLinear, packing_available
+from lib.modeling.onednn_linear import PackedLinear, onednn_available
 from lib.modeling.transformer import Attention
 
 
@@ -81,7 +81,7 @@ def test_the_kept_mask_alone_equals_that_output_of_all_masks():
     assert state["transformer.layers.0.mlp.lin1.weight"].shape == (2048, 256)
 
 
-@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 def test_packed_linear_follows_its_weight_and_trains_as_published():
     """Inference reads a packed copy: it must equal the plain product, be re-made when the weight changes in place
     (a model swap), not travel with a copy of the layer, and leave training's computation (and gradients) as

@@ -40,3 +40,11 @@ def test_segmenter_serves_with_an_int8_encoder(golden_dir, tmp_path):
         InteractiveSegmenter(store, encoder_precision=p).segment_view(source, prompts).mask for p in ("fp32", "int8")
     ]
     assert 2 * (masks[0] & masks[1]).sum() / (masks[0].sum() + masks[1].sum()) > 0.98
+
+
+def test_int8_quantises_every_linear_layer_of_the_encoder(golden_dir, golden_config):
+    model = load_model(golden_dir / "weights.pth", golden_config)
+    set_encoder_precision(model, "int8")
+    layers = [type(m) for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert not layers, layers
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.image_encoder.modules())

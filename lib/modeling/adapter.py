@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import store_weight_in_memory_order
+from .onednn_linear import OneDnnLinear, linear
 
 
 class Adapter(nn.Module):
@@ -25,7 +26,7 @@ class Adapter(nn.Module):
         super().__init__()
         hidden = int(dim * reduction_ratio)
         self.channel = nn.Sequential(
-            nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False), nn.Sigmoid()
+            OneDnnLinear(dim, hidden, bias=False), nn.ReLU(), OneDnnLinear(hidden, dim, bias=False), nn.Sigmoid()
         )
         self.spatial = nn.Sequential(
             nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=1, bias=False),
@@ -59,13 +60,13 @@ class Adapter(nn.Module):
 
 
 def conv2d_by_matmul(x: torch.Tensor, layer: nn.Conv2d) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``layer(x)`` as ``unfold`` (im2col) and one matrix product, returned channel-major.
+    """``layer(x)`` as ``unfold`` (im2col) and one matrix product, returned pixel-major.
 
-    Same sums as the convolution; on CPU about 20% faster than oneDNN for the adapter's strided 3x3 convolution. The
-    weight ``(Cout, Cin * kh * kw)`` is the left factor as it is stored, and the few output pixels (64 at 256 input)
-    the right one, which MKL runs faster than the transposed product.
+    Same sums as the convolution; on CPU about 20% faster than oneDNN's convolution for the adapter's strided 3x3
+    one, and the product runs in oneDNN (:func:`lib.modeling.onednn_linear.linear`) with the weight
+    ``(Cout, Cin * kh * kw)`` read in place.
 
-    ``x``: ``(B, Cin, H, W)`` -> ``(Cout, B * Ho * Wo)`` (columns ordered image, then pixel) and ``(Ho, Wo)``.
+    ``x``: ``(B, Cin, H, W)`` -> ``(B * Ho * Wo, Cout)`` (rows ordered image, then pixel) and ``(Ho, Wo)``.
     """
     height, width = x.shape[-2:]
     kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
@@ -74,20 +75,18 @@ def conv2d_by_matmul(x: torch.Tensor, layer: nn.Conv2d) -> tuple[torch.Tensor, t
         for i, size in enumerate((height, width))
     )
     columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, Cin * kh * kw, L)
-    columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # (Cin * kh * kw, B * L): a view for one image
-    out = layer.weight.reshape(layer.out_channels, -1) @ columns
-    if layer.bias is not None:
-        out = out + layer.bias[:, None]
-    return out, out_hw  # type: ignore[return-value]
+    columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # (B * L, Cin * kh * kw): a view for one image
+    return linear(columns, layer.weight.reshape(layer.out_channels, -1), layer.bias), out_hw  # type: ignore[return-value]
 
 
 def conv_transpose_by_matmul(x: torch.Tensor, in_hw: tuple[int, int], layer: nn.ConvTranspose2d) -> torch.Tensor:
-    """``layer`` applied to channel-major pixels, as one matrix product and a ``fold`` (col2im).
+    """``layer`` applied to pixel-major pixels, as one matrix product and a ``fold`` (col2im).
 
     Same sums as the transposed convolution; on CPU about 3x faster for the adapter's 4x4 stride-2 one. The weight,
-    stored output-major (:func:`store_output_major`), is read in place as the ``(Cout * kh * kw, Cin)`` left factor.
+    stored output-major (:func:`store_output_major`), is read in place as the ``(Cout * kh * kw, Cin)`` matrix of a
+    linear layer, in oneDNN (:func:`lib.modeling.onednn_linear.linear`).
 
-    ``x``: ``(Cin, B * h * w)`` of B ``(h, w)`` grids (as :func:`conv2d_by_matmul` returns them) ->
+    ``x``: ``(B * h * w, Cin)`` of B ``(h, w)`` grids (as :func:`conv2d_by_matmul` returns them) ->
     ``(B, Cout, H, W)`` with ``H = (h - 1) * stride - 2 * padding + kernel``.
     """
     (height, width), kernel = in_hw, layer.kernel_size
@@ -97,8 +96,8 @@ def conv_transpose_by_matmul(x: torch.Tensor, in_hw: tuple[int, int], layer: nn.
         (width - 1) * stride[1] - 2 * padding[1] + kernel[1],
     )
     # weight (Cin, Cout, kh, kw): every input pixel spreads over a kh x kw patch of every output channel.
-    columns = layer.weight.reshape(layer.in_channels, -1).t() @ x  # (Cout * kh * kw, B * h * w)
-    columns = columns.view(columns.shape[0], -1, height * width).transpose(0, 1)  # (B, Cout * kh * kw, h * w)
+    columns = linear(x, layer.weight.reshape(layer.in_channels, -1).t())  # (B * h * w, Cout * kh * kw)
+    columns = columns.view(-1, height * width, columns.shape[1]).transpose(1, 2)  # (B, Cout * kh * kw, h * w)
     out = F.fold(columns, out_hw, kernel_size=kernel, stride=stride, padding=padding)
     if layer.bias is not None:
         out = out + layer.bias[:, None, None]
@@ -108,6 +107,6 @@ def conv_transpose_by_matmul(x: torch.Tensor, in_hw: tuple[int, int], layer: nn.
 def store_output_major(layer: nn.ConvTranspose2d) -> None:
     """Store a transposed convolution's weight ``(Cin, Cout, kh, kw)`` as ``(Cout, kh, kw, Cin)`` contiguous: same
     shape, values and state dict (``load_state_dict`` and optimizers keep the layout), and
-    :func:`conv_transpose_by_matmul` reads it as a contiguous ``(Cout * kh * kw, Cin)`` matrix, which MKL multiplies
-    about 15% faster than the transpose of the stored ``(Cin, Cout * kh * kw)`` one (1.7 of 11 ms per adapter)."""
+    :func:`conv_transpose_by_matmul` reads it in place as the row-major ``(Cout * kh * kw, Cin)`` weight of a linear
+    layer."""
     store_weight_in_memory_order(layer, (1, 2, 3, 0))

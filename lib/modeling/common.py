@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .onednn_linear import OneDnnLinear
+
 
 class MLPBlock(nn.Module):
     """Two linear layers with an activation: ``(..., C) -> (..., C)`` through ``mlp_dim``.
 
-    ``linear``: the layers' class, ``nn.Linear`` or a subclass with the same parameters (the decoder's
-    :class:`lib.modeling.packed_linear.PackedLinear`).
+    ``linear``: the layers' class, an ``nn.Linear`` subclass (:mod:`lib.modeling.onednn_linear`: the decoder's
+    prompt-token MLPs use :class:`~lib.modeling.onednn_linear.PackedLinear`).
     """
 
     def __init__(
@@ -18,7 +20,7 @@ class MLPBlock(nn.Module):
         embedding_dim: int,
         mlp_dim: int,
         act: type[nn.Module] = nn.GELU,
-        linear: type[nn.Linear] = nn.Linear,
+        linear: type[nn.Linear] = OneDnnLinear,
     ) -> None:
         super().__init__()
         self.lin1 = linear(embedding_dim, mlp_dim)

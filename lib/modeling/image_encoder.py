@@ -19,6 +19,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .common import LayerNorm2d, MLPBlock
+from .onednn_linear import OneDnnLinear
 
 
 def relative_position_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
@@ -50,8 +51,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = OneDnnLinear(dim, dim * 3, bias=True)
+        self.proj = OneDnnLinear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
 

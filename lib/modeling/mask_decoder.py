@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, store_weight_in_memory_order, store_weights_input_major
+from .onednn_linear import OneDnnLinear, linear
 from .transformer import TwoWayTransformer
 
 
@@ -36,7 +37,7 @@ class MLP(nn.Module):
         super().__init__()
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims_in, dims_out))
+        self.layers = nn.ModuleList(OneDnnLinear(n, k) for n, k in zip(dims_in, dims_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -198,7 +199,7 @@ class MaskDecoder(nn.Module):
             # weight is stored so (store_subpixel_major). The bias, the same for the four sub-pixels, is added by the
             # product itself.
             weight = layer.weight.permute(0, 2, 3, 1).reshape(layer.in_channels, -1)
-            x = torch.addmm(torch.cat([layer.bias] * 4), x.reshape(-1, layer.in_channels), weight)
+            x = linear(x.reshape(-1, layer.in_channels), weight.t(), layer.bias.repeat(4))
             x = x.view(tokens.shape[0], -1, layer.out_channels)
             if layer is up1:
                 x = act1(F.layer_norm(x, (layer.out_channels,), norm.weight, norm.bias, norm.eps))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lib.modeling import SamMed2D
+from lib.modeling.onednn_linear import OneDnnLinear
 
 PRECISIONS = ("fp32", "int8", "bf16")
 # /proc/cpuinfo flags of the instructions that make each precision fast on a CPU.
@@ -52,6 +53,10 @@ def set_encoder_precision(model: SamMed2D, precision: str) -> SamMed2D:
     if precision == "int8":
         if model.device.type != "cpu":
             raise ValueError("int8 dynamic quantisation runs on the CPU; use bf16 on a GPU")
+        for module in model.image_encoder.modules():
+            if isinstance(module, OneDnnLinear):
+                # Its quantised replacement is made from it by torch's mapping, which knows nn.Linear by type only.
+                module.__class__ = nn.Linear
         with warnings.catch_warnings():
             # torch points eager quantisation users to torchao; this API is what torch itself ships.
             warnings.simplefilter("ignore")

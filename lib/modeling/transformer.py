@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
-from .packed_linear import PackedLinear
+from .onednn_linear import OneDnnLinear, PackedLinear
 
 
 class Attention(nn.Module):
@@ -29,10 +29,10 @@ class Attention(nn.Module):
         self.internal_dim = embedding_dim // downsample_rate
         if self.internal_dim % num_heads:
             raise ValueError(f"num_heads {num_heads} must divide the internal dim {self.internal_dim}")
-        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.q_proj = OneDnnLinear(embedding_dim, self.internal_dim)
+        self.k_proj = OneDnnLinear(embedding_dim, self.internal_dim)
+        self.v_proj = OneDnnLinear(embedding_dim, self.internal_dim)
+        self.out_proj = OneDnnLinear(self.internal_dim, embedding_dim)
 
     def separate_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, internal_dim)`` -> ``(B, heads, N, internal_dim / heads)``."""

@@ -1,0 +1,56 @@
+"""The model's linear layers run their CPU inference products in oneDNN (:mod:`lib.modeling.onednn_linear`), and
+everywhere else (training, autocast, export, small products) exactly as ``nn.Linear``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib.modeling.onednn_linear import ONEDNN_MIN_MULTIPLY_ADDS, OneDnnLinear, linear, onednn_available
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+def ran_onednn(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(event.name == "mkldnn::_linear_pointwise" for event in prof.events())
+
+
+def test_inference_products_run_in_onednn_and_equal_the_published_ones():
+    """Inputs and weights of any strides (a transposed input, a batch expanded from one row, a weight stored
+    input-major as the decoder stores its own): the same values as ``F.linear``, computed by oneDNN."""
+    torch.manual_seed(0)
+    layer = OneDnnLinear(256, 512)
+    input_major = torch.randn(512, 256).t().contiguous().t()
+    inputs = {
+        "contiguous": torch.randn(2, 64, 256),
+        "transposed": torch.randn(2, 256, 64).transpose(1, 2),
+        "expanded": torch.randn(1, 64, 256).expand(3, -1, -1),
+    }
+    with torch.inference_mode():
+        for name, x in inputs.items():
+            assert ran_onednn(lambda x=x: layer(x)), name
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(linear(x, input_major), F.linear(x, input_major), atol=1e-4, rtol=1e-5)
+
+
+def test_training_autocast_and_small_products_keep_the_published_computation():
+    torch.manual_seed(0)
+    layer = OneDnnLinear(256, 512)
+    plain = torch.nn.Linear(256, 512)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(64, 256)
+    # Gradients on (training): F.linear itself, gradient for gradient.
+    assert not ran_onednn(lambda: layer(x).square().sum().backward())
+    plain(x).square().sum().backward()
+    assert torch.equal(layer.weight.grad, plain.weight.grad) and torch.equal(layer.bias.grad, plain.bias.grad)
+    with torch.inference_mode():
+        # bf16 autocast (the opt-in bf16 encoder) must still get its bf16 product.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        # A product below the threshold stays in MKL, which is faster there.
+        few = torch.randn(ONEDNN_MIN_MULTIPLY_ADDS // (256 * 512) - 1, 256)
+        assert not ran_onednn(lambda: layer(few))
+        assert torch.equal(layer(few), plain(few))
