@@ -157,11 +157,12 @@ class CpuMeter:
 
 
 class PeakRss:
-    """The largest resident memory of a process, sampled every 5 ms on a thread, per phase (:meth:`phase`)."""
+    """The largest resident memory of a process, sampled every 5 ms on a thread, per phase (:meth:`phase`), with
+    its anonymous part at that moment (Linux ``/proc/PID/status``)."""
 
     def __init__(self, process: psutil.Process, phase: str) -> None:
         self.process = process
-        self.peaks: dict[str, int] = {}
+        self.peaks: dict[str, tuple[int, int]] = {}
         self.current = phase
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -170,14 +171,24 @@ class PeakRss:
     def phase(self, name: str) -> None:
         self.current = name
 
+    def _read(self) -> tuple[int, int]:
+        fields = {}
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith(("VmRSS:", "RssAnon:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) * 1024
+        return fields["VmRSS"], fields["RssAnon"]
+
     def _sample(self) -> None:
         while self.running:
-            with contextlib.suppress(psutil.Error):
-                rss = self.process.memory_info().rss
-                self.peaks[self.current] = max(self.peaks.get(self.current, 0), rss)
+            with contextlib.suppress(OSError, KeyError):
+                rss, anonymous = self._read()
+                if rss > self.peaks.get(self.current, (0, 0))[0]:
+                    self.peaks[self.current] = (rss, anonymous)
             time.sleep(0.005)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> dict[str, tuple[int, int]]:
+        """Per phase: ``(peak RSS, anonymous RSS at that moment)`` in bytes."""
         self.running = False
         self.thread.join()
         return self.peaks
@@ -319,9 +330,8 @@ def main() -> None:
         rows["swap_click_cpu"] = meter.seconds()
         assert swapped["model_version"] == version, swapped["model_version"]
         peak = peaks.stop()
-        rows["peak_scoring_gb"] = peak.get("scoring", 0) / 1e9
-        rows["peak_clicks_gb"] = peak.get("clicks", 0) / 1e9
-        rows["peak_swap_gb"] = peak.get("swap", 0) / 1e9
+        for phase in ("scoring", "clicks", "swap"):
+            rows[f"peak_{phase}_gb"], rows[f"peak_{phase}_anonymous_gb"] = (v / 1e9 for v in peak.get(phase, (0, 0)))
     finally:
         stop_server(url)
         shutil.rmtree(work, ignore_errors=True)  # the datastore, two ViT-B checkpoints and the store: 2 GB
@@ -331,9 +341,10 @@ def main() -> None:
     rows["above_floor_gb"] = rows["rss_gb"] - rows["floor_gb"]
     rows["above_floor_anonymous_gb"] = rows["anonymous_gb"] - floor_anonymous - rows["weights_gb"]
     rows["above_floor_file_gb"] = rows["above_floor_gb"] - rows["above_floor_anonymous_gb"]
-    rows["peak_scoring_above_floor_gb"] = rows["peak_scoring_gb"] - rows["floor_gb"]
-    rows["peak_clicks_above_floor_gb"] = rows["peak_clicks_gb"] - rows["floor_gb"]
-    rows["peak_swap_above_floor_gb"] = rows["peak_swap_gb"] - rows["floor_gb"]
+    for phase in ("scoring", "clicks", "swap"):
+        rows[f"peak_{phase}_above_floor_gb"] = rows[f"peak_{phase}_gb"] - rows["floor_gb"]
+        anonymous = rows[f"peak_{phase}_anonymous_gb"] - floor_anonymous - rows["weights_gb"]
+        rows[f"peak_{phase}_above_floor_anonymous_gb"] = anonymous
     load_after = os.getloadavg()
 
     print(f"\nSAM-Med2D app through REST, ViT-B fp32, CPU ({os.cpu_count()} cores), {args.clicks} clicks per series")
@@ -362,9 +373,12 @@ def main() -> None:
         "above_floor_anonymous_gb": ("  of which anonymous memory (GB)", 1),
         "above_floor_file_gb": ("  of which file-backed: library code run (GB)", 1),
         "peak_scoring_above_floor_gb": ("peak RSS above the floor, start-up scoring (GB)", 1),
+        "peak_scoring_above_floor_anonymous_gb": ("  of which anonymous memory (GB)", 1),
         "peak_clicks_above_floor_gb": ("peak RSS above the floor during the clicks (GB)", 1),
+        "peak_clicks_above_floor_anonymous_gb": ("  of which anonymous memory (GB)", 1),
         "swap_click": ("first click after a new version is published (s)", 1),
         "peak_swap_above_floor_gb": ("peak RSS above the floor during that swap (GB)", 1),
+        "peak_swap_above_floor_anonymous_gb": ("  of which anonymous memory (GB)", 1),
     }
     for key, (label, scale) in labels.items():
         target = TARGETS.get(key)

@@ -174,10 +174,13 @@ class MaskDecoder(nn.Module):
         mlps = self.output_hypernetworks_mlps
         if outputs is None:
             hyper_in = torch.stack([mlp(decoded.mask_tokens[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
+        elif b == 1:  # a click: no grouping of rows by output
+            kept = int(outputs[0])
+            hyper_in = mlps[kept](decoded.mask_tokens[:, kept : kept + 1, :])
         else:
             hyper_in = decoded.mask_tokens.new_empty(b, 1, upscaled.shape[2])
             for i in outputs.unique().tolist():  # rows that keep output i share its MLP
-                rows = (outputs == i).nonzero()[:, 0] if b > 1 else slice(None)
+                rows = (outputs == i).nonzero()[:, 0]
                 hyper_in[rows, 0] = mlps[i](decoded.mask_tokens[rows, i, :])
         masks = hyper_in @ upscaled.transpose(1, 2)  # (B, T or 1, 16 h w)
         # Sub-pixel order (y, x, a1, b1, a2, b2) -> row 4y + 2 a1 + a2, column 4x + 2 b1 + b2.

@@ -35,10 +35,8 @@ class PositionEmbeddingRandom(nn.Module):
 
     def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """``(B, N, 2)`` pixel (x, y) in an ``(H, W)`` frame -> ``(B, N, C)``."""
-        coords = coords_input.clone()
-        coords[:, :, 0] = coords[:, :, 0] / image_size[1]
-        coords[:, :, 1] = coords[:, :, 1] / image_size[0]
-        return self._pe_encoding(coords.to(self.positional_encoding_gaussian_matrix.dtype))
+        frame = coords_input.new_tensor([image_size[1], image_size[0]])  # (W, H), divides x and y as SAM does
+        return self._pe_encoding((coords_input / frame).to(self.positional_encoding_gaussian_matrix.dtype))
 
 
 class PromptEncoder(nn.Module):
@@ -80,17 +78,21 @@ class PromptEncoder(nn.Module):
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        points = points + 0.5  # centre of the pixel
-        if pad:
-            padding_point = torch.zeros((points.shape[0], 1, 2), device=points.device, dtype=points.dtype)
-            padding_label = -torch.ones((labels.shape[0], 1), device=labels.device, dtype=labels.dtype)
-            points = torch.cat([points, padding_point], dim=1)
-            labels = torch.cat([labels, padding_label], dim=1)
-        embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)
+        """Points ``(B, N, 2)`` with labels ``(B, N)`` -> ``(B, N + pad, C)``.
+
+        As SAM: a point's positional encoding plus its label's embedding (0 negative, 1 positive); a label -1 point
+        (padding) is ``not_a_point_embed`` alone, and so is the padding point added when there is no box.
+        """
+        embedding = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)  # + 0.5: pixel centre
         labels = labels[..., None]
-        embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
-        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        embedding = embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        # Rows -1, 0, 1: what each label adds to its point's encoding (-1 replaces it).
+        label_embed = torch.cat(
+            [self.not_a_point_embed.weight, self.point_embeddings[0].weight, self.point_embeddings[1].weight]
+        )
+        embedding = torch.where(labels == -1, 0.0, embedding) + label_embed[labels[..., 0] + 1]
+        if pad:
+            padding = self.not_a_point_embed.weight.expand(embedding.shape[0], 1, -1)
+            embedding = torch.cat([embedding, padding], dim=1)
         return embedding
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -124,12 +126,15 @@ class PromptEncoder(nn.Module):
         else:
             batch = 1
         weight = self.no_mask_embed.weight
-        parts = [torch.empty((batch, 0, self.embed_dim), device=weight.device, dtype=weight.dtype)]
+        parts = []
         if points is not None:
             parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:
             parts.append(self._embed_boxes(boxes))
-        sparse = torch.cat(parts, dim=1)
+        if len(parts) == 1:
+            sparse = parts[0]
+        else:
+            sparse = torch.cat(parts or [weight.new_empty((batch, 0, self.embed_dim))], dim=1)
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
