@@ -14,7 +14,15 @@ from PIL import Image
 
 from lib.common.settings import RequestError
 from lib.io.image_source import ImageReadError, read_image, to_uint8
-from lib.io.volume_io import crc32_of_zeros, encode_label_png, read_nrrd, write_label, write_slice_label_nrrd
+from lib.io.volume_io import (
+    GZIP_READ_CHUNK,
+    crc32_of_zeros,
+    encode_label_png,
+    read_nifti,
+    read_nrrd,
+    write_label,
+    write_slice_label_nrrd,
+)
 from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.interactive import InteractiveSegmenter
@@ -233,3 +241,34 @@ def test_crc_of_zero_runs_equals_zlibs(length) -> None:
 
     for start in (0, zlib.crc32(b"a label slice")):
         assert crc32_of_zeros(start, length) == zlib.crc32(bytes(length), start)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.dtype(">f4"), np.uint8])
+def test_gzip_nifti_reads_as_nibabel_does_holding_the_volume_once(tmp_path: Path, dtype) -> None:
+    """A ``.nii.gz`` volume decompresses straight into its array: nibabel's values, dtype and order, with one copy of
+    the volume and one chunk allocated (nibabel's own read holds two copies); a truncated file is an unreadable
+    image."""
+    import gzip
+    import tracemalloc
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 200, size=(160, 128, 64, 2)).astype(dtype)
+    path = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 2.5, 1.0])), path)
+    expected = np.asanyarray(nib.load(str(path)).dataobj)
+    tracemalloc.start()
+    pixels, affine = read_nifti(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert pixels.dtype == expected.dtype and pixels.flags.f_contiguous == expected.flags.f_contiguous
+    np.testing.assert_array_equal(pixels, expected)
+    np.testing.assert_array_equal(affine, nib.load(str(path)).affine)
+    assert peak < volume.nbytes + 2 * GZIP_READ_CHUNK, (peak, volume.nbytes)
+
+    data = gzip.decompress(path.read_bytes())
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(gzip.compress(data[: len(data) // 2]))
+    with pytest.raises(ImageReadError, match="truncated.nii.gz is not a readable volume: .*ends after"):
+        read_image(str(truncated))
