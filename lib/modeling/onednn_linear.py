@@ -109,13 +109,3 @@ class PackedLinear(OneDnnLinear):
     def __getstate__(self) -> dict[str, Any]:
         # A packed tensor has no storage to copy or pickle; a copy packs its own at its first inference call.
         return {**super().__getstate__(), "packed": None}
-
-
-def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.transpose(-1, -2) + bias`` for ``x`` ``(B, m, k)`` and ``weight`` ``(1 or B, n, k)`` (any
-    strides) -> ``(B, m, n)``: one :func:`linear` product where ``weight`` has one matrix (the prompt-independent
-    image terms of a click, or a batch of one), a batched product otherwise."""
-    if weight.shape[0] == 1:
-        return linear(x, weight[0], bias)
-    out = torch.matmul(x, weight.transpose(-1, -2))
-    return out if bias is None else out + bias

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
-from .onednn_linear import OneDnnLinear, PackedLinear, matmul_t
+from .onednn_linear import OneDnnLinear, PackedLinear
 
 
 class Attention(nn.Module):
@@ -82,8 +82,8 @@ class Attention(nn.Module):
         heads = self.num_heads
         q_heads = self.heads(self.q_proj, q) * (self.internal_dim // heads) ** -0.5  # (B, H, n, d)
         q_keys = (q_heads @ self._head_weight(self.k_proj)).reshape(b, heads * n, -1)  # (B, H n, C)
-        weights = torch.softmax(matmul_t(q_keys, k), dim=-1)  # (B, H n, N)
-        read = matmul_t(weights, v.transpose(1, 2)).view(b, heads, n, -1)  # (B, H, n, C)
+        weights = torch.softmax(q_keys @ k.transpose(1, 2), dim=-1)  # (B, H n, N)
+        read = (weights @ v).view(b, heads, n, -1)  # (B, H, n, C)
         out = read @ self._head_weight(self.v_proj).transpose(1, 2) + self.v_proj.bias.view(heads, 1, -1)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -107,13 +107,13 @@ class Attention(nn.Module):
         if q_heads is None:
             keys_q = (k_heads @ self._head_weight(self.q_proj)).reshape(b, heads * n, -1)  # (B, H n, C)
             bias = k_heads @ self.q_proj.bias.view(heads, -1, 1)  # (B, H, n, 1)
-            logits = matmul_t(keys_q, q).view(b, heads, n, -1) + bias
+            logits = (keys_q @ q.transpose(1, 2)).view(b, heads, n, -1) + bias
         else:
             logits = k_heads @ q_heads.transpose(2, 3)  # (B, H, n, N)
         weights = torch.softmax(logits, dim=2).view(b, heads * n, -1)  # (B, H n, N)
         out_weight = self.out_proj.weight.view(self.out_proj.out_features, heads, -1).permute(1, 2, 0)
         values_out = (self.heads(self.v_proj, v) @ out_weight).view(b, heads * n, -1)  # (B, H n, C)
-        return matmul_t(weights.transpose(1, 2), values_out.transpose(1, 2), self.out_proj.bias)
+        return torch.baddbmm(self.out_proj.bias.expand(b, 1, -1), weights.transpose(1, 2), values_out)
 
 
 class TwoWayAttentionBlock(nn.Module):
