@@ -11,7 +11,9 @@ slows all rows alike.
 
 Rows: the image encoder (seconds per image); a click (ms): prompt encoder + mask decoder with
 ``multimask_output=True`` and the best predicted IoU kept, which is what the server decodes per click, for one point,
-a box and a point with the previous mask. The largest difference of each output from the published code's is printed
+a box and a point with the previous mask. ``ours torch`` decodes as the server does by default; ``ours torch,
+decoder graphs`` replays the same operations from recorded graphs (:mod:`lib.serving.decoder_graphs`, the server's
+opt-in ``--conf decoder_graphs true``). The largest difference of each output from the published code's is printed
 next to it, and so is the re-implemented published math (:mod:`benchmarks.published_reference`), kept as a fidelity
 reference.
 """
@@ -41,7 +43,8 @@ from lib.io.checkpoint import load_model
 from lib.modeling import SamMed2D
 from lib.modeling.build import build_model
 from lib.modeling.reduced_precision import cpu_has_native, set_encoder_precision
-from lib.serving.decoding import ServedDecoding, decode_rows
+from lib.serving.decoder_graphs import DecoderGraphs
+from lib.serving.decoding import ServedDecoding, decode_rows, prompt_independent_inputs
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.export import export_onnx
 from lib.serving.onnx_backend import OnnxSamMed2D
@@ -150,7 +153,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
-    ours = build_model("vit_b").to(device).eval()
+    ours = build_model("vit_b").to(device).eval().requires_grad_(False)  # as the server holds it
     published = published_model(args.published_code, ours)
     x = torch.randn(1, 3, 256, 256, device=device)
     point = torch.tensor([[[100.0, 110.0]]], device=device)
@@ -187,7 +190,9 @@ def main() -> None:
             reduced[precision] = _max_diff(model.encode(x), features) / features.abs().max().item()
             encoders[f"ours torch {precision} encoder"] = lambda model=model: model.encode(x)
         encoder_s = alternating_medians(encoders, args.repeats, sync)
-        entry = CachedEmbedding(features, None)
+        entry = CachedEmbedding(features, None, prompt_independent_inputs(ours, features))
+        # --conf decoder_graphs true: the same inputs, replayed from graphs recorded by their first calls here.
+        graphs_entry = CachedEmbedding(features, None, {**entry.extras, "decoder_graphs": DecoderGraphs(ours)})
         onnx_entry = CachedEmbedding(features, None, {"onnx_decoder": runtime.decoder}) if runtime else None
 
         def published_click(points, boxes, mask):
@@ -207,7 +212,7 @@ def main() -> None:
         for kind, (points, boxes, mask) in prompts.items():
             coords, labels = points if points is not None else (None, None)
 
-            def ours_click(coords=coords, labels=labels, boxes=boxes, mask=mask):
+            def ours_click(coords=coords, labels=labels, boxes=boxes, mask=mask, entry=entry):
                 return decode_rows(ours, entry, decoding, coords, labels, boxes, mask)
 
             def reference_click(points=points, boxes=boxes, mask=mask):
@@ -217,10 +222,12 @@ def main() -> None:
             click_diff[kind] = {
                 "published math (re-implemented)": _max_diff(reference_click()[0], expected),
                 "ours torch": _max_diff(ours_click()[0], expected),
+                "ours torch, decoder graphs": _max_diff(ours_click(entry=graphs_entry)[0], expected),
             }
             clicks = {
                 "published code": lambda p=(points, boxes, mask): published_click(*p),
                 "ours torch": ours_click,
+                "ours torch, decoder graphs": lambda click=ours_click: click(entry=graphs_entry),
             }
             if runtime is not None:
 
@@ -251,7 +258,7 @@ def main() -> None:
             f"(prompt encoder + mask decoder, multimask) {min(ratios):.2f}x to {max(ratios):.2f}x"
         )
     print("largest |difference| from the published code's output (encoder features; kept low-res logits per prompt):")
-    for name in encoder_diff:
+    for name in click_diff["point"]:
         encoder = f"encoder {encoder_diff[name]:.1e}; " if name in encoder_diff else ""
         per_prompt = ", ".join(f"{k} {click_diff[k][name]:.1e}" for k in click_diff)
         print(f"  {name:<34} {encoder}{per_prompt}")

@@ -54,3 +54,20 @@ def test_training_autocast_and_small_products_keep_the_published_computation():
         few = torch.randn(ONEDNN_MIN_MULTIPLY_ADDS // (256 * 512) - 1, 256)
         assert not ran_onednn(lambda: layer(few))
         assert torch.equal(layer(few), plain(few))
+
+
+def test_a_trace_records_the_onednn_product_and_onnx_export_keeps_the_published_one(tmp_path):
+    """The server's decoder graphs are traces (lib.serving.decoder_graphs): they must replay the oneDNN product; an
+    ONNX export must hold the standard operator that ONNX Runtime runs."""
+    torch.manual_seed(0)
+    layer = OneDnnLinear(256, 512).requires_grad_(False)
+    x = torch.randn(64, 256)
+    with torch.inference_mode():
+        traced = torch.jit.trace(layer, (x,))
+        assert "mkldnn::_linear_pointwise" in str(traced.inlined_graph)
+        assert torch.equal(traced(x), layer(x))
+    with torch.no_grad():
+        torch.onnx.export(layer, (x,), str(tmp_path / "linear.onnx"), dynamo=False)
+    onnx = pytest.importorskip("onnx")
+    operators = {node.op_type for node in onnx.load(str(tmp_path / "linear.onnx")).graph.node}
+    assert operators & {"Gemm", "MatMul"} and not any("mkldnn" in op for op in operators)

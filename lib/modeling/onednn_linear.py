@@ -9,7 +9,7 @@ same in another order (within a few 1e-7 of the largest output, as between threa
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,9 @@ def onednn_available() -> bool:
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` runs in oneDNN: a product of at least :data:`ONEDNN_MIN_MULTIPLY_ADDS`, for inference
-    (no gradients) on a CPU in fp32, not under autocast (the bf16 encoder) and not while tracing, scripting or
-    compiling (ONNX export, TorchScript), where the published ``F.linear`` is kept."""
+    (no gradients) on a CPU in fp32, not under autocast (the bf16 encoder) and not while exporting to ONNX, scripting
+    or compiling, where the published ``F.linear`` is kept. A plain ``torch.jit.trace`` (the server's decoder graphs,
+    :mod:`lib.serving.decoder_graphs`) records the oneDNN product (:func:`onednn_product`)."""
     return (
         x.numel() * weight.shape[0] >= ONEDNN_MIN_MULTIPLY_ADDS
         and not torch.is_grad_enabled()
@@ -41,11 +42,30 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
         and not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
         and onednn_available()
     )
+
+
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's ``x @ weight.T + bias``; ``weight`` plain (any strides) or packed (:class:`PackedLinear`)."""
+    if torch.jit.is_tracing():
+        # The tracer cannot record the empty list of post-op scalars from Python; a scripted call records it typed.
+        return _scripted_product()(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.cache
+def _scripted_product() -> torch.jit.ScriptFunction:
+    """:func:`onednn_product` as TorchScript, compiled on first use (only builds with oneDNN have the operator)."""
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+        no_scalars: list[Optional[Union[int, float, complex]]] = []  # noqa: UP007, UP045 (TorchScript's typing)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", no_scalars, "")
+
+    return torch.jit.script(product)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,18 +73,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     :func:`onednn_applies`."""
     if not onednn_applies(x, weight):
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return onednn_product(x, weight, bias)
 
 
 class OneDnnLinear(nn.Linear):
     """``nn.Linear`` (same parameters, state dict, training computation and gradients) whose inference product on a
-    CPU in fp32 runs in oneDNN (:func:`linear`); with gradients on, while tracing or exporting, and on other devices
-    and dtypes it is ``F.linear`` as published."""
+    CPU in fp32 runs in oneDNN (:func:`linear`); with gradients on, while exporting, and on other devices and dtypes it
+    is ``F.linear`` as published."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not onednn_applies(x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight(), self.bias, "none", [], "")
+        return onednn_product(x, self.onednn_weight(), self.bias)
 
     def onednn_weight(self) -> torch.Tensor:
         """The weight oneDNN multiplies by: the parameter itself, read in place."""

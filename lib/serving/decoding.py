@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lib.modeling import SamMed2D
+from lib.modeling.mask_decoder import DecodedTokens
 from lib.modeling.transformer import Attention
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.preprocessing import POLICIES, FrameGeometry, PolicyName
@@ -109,7 +110,8 @@ def decode_rows(
         model: the network.
         entry: the image's embedding ``features`` ``(1, C, h, w)``; its ``extras`` hold
             :func:`prompt_independent_inputs` (computed here when absent), and ``onnx_decoder`` where the server
-            decodes with ONNX Runtime.
+            decodes with ONNX Runtime, or ``decoder_graphs`` (:class:`lib.serving.decoder_graphs.DecoderGraphs` of
+            ``model``) where it replays recorded graphs of these operations.
         decoding: the rule (mask prompt form, default multimask).
         point_coords: ``(R, N, 2)`` (x, y); ``point_labels``: ``(R, N)`` 1 foreground, 0 background.
         boxes: ``(R, 4)`` XYXY.
@@ -131,17 +133,50 @@ def decode_rows(
         rows = torch.arange(iou.shape[0], device=iou.device)
         return masks[rows, best][:, None].clone(), iou.gather(1, best[:, None])[:, 0]
     first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
-    src = entry.extras["src_no_mask"]
-    if previous_low_res is not None:
-        # The transformer reads the image tokens from these terms; src still gives the grid and the batch.
-        first_layer = mask_prompt_terms(model, first_layer, decoding.mask_input(previous_low_res))
-    points = (point_coords, point_labels) if point_coords is not None else None
-    sparse, _ = model.prompt_encoder(points, boxes, None)
-    decoded = model.mask_decoder.decode_tokens(src, entry.extras["image_pe"], sparse, first_layer)
+    src, image_pe = entry.extras["src_no_mask"], entry.extras["image_pe"]
+    mask = None if previous_low_res is None else decoding.mask_input(previous_low_res)
+    # The server's clicks replay the same operations from recorded graphs (lib.serving.decoder_graphs).
+    graphs = entry.extras.get("decoder_graphs")
+    decoded = None
+    if graphs is not None:
+        decoded = graphs.decode_tokens(src, image_pe, first_layer, point_coords, point_labels, boxes, mask)
+    if decoded is None:
+        decoded = decode_prompt_tokens(model, src, image_pe, first_layer, point_coords, point_labels, boxes, mask)
     best = kept_output(decoded.iou, multimask)
     # The predicted IoUs choose the output before any mask is made, so only the kept one is.
-    masks = model.mask_decoder.masks(decoded, best)
+    masks = None if graphs is None else graphs.masks(decoded, best)
+    if masks is None:
+        masks = model.mask_decoder.masks(decoded, best)
     return masks, decoded.iou.gather(1, best[:, None])[:, 0]
+
+
+def decode_prompt_tokens(
+    model: SamMed2D,
+    src: torch.Tensor,
+    image_pe: torch.Tensor,
+    first_layer: dict[str, torch.Tensor],
+    point_coords: torch.Tensor | None,
+    point_labels: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    mask_input: torch.Tensor | None,
+) -> DecodedTokens:
+    """Everything of a decoding before its masks, for ``R`` prompt rows on one encoded image: the mask prompt's
+    first-layer terms (:func:`mask_prompt_terms`), the sparse prompt embedding, the decoder's transformer and IoU head
+    (:meth:`MaskDecoder.decode_tokens`).
+
+    Args:
+        src: ``(1, C, h, w)`` the image embedding + the no-mask dense embedding (``src_no_mask``).
+        image_pe: ``(1, C, h, w)``.
+        first_layer: the first-layer terms of ``src`` (:meth:`TwoWayTransformer.first_layer_terms`).
+        point_coords, point_labels, boxes: as :func:`decode_rows` takes them.
+        mask_input: ``(R, 1, s, s)`` the mask prompt (:meth:`ServedDecoding.mask_input`), or ``None``.
+    """
+    if mask_input is not None:
+        # The transformer reads the image tokens from these terms; src still gives the grid and the batch.
+        first_layer = mask_prompt_terms(model, first_layer, mask_input)
+    points = (point_coords, point_labels) if point_coords is not None else None
+    sparse, _ = model.prompt_encoder(points, boxes, None)
+    return model.mask_decoder.decode_tokens(src, image_pe, sparse, first_layer)
 
 
 def mask_prompt_terms(

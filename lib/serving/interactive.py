@@ -27,6 +27,7 @@ from lib.guard.limits import Limits
 from lib.io.image_source import ImageSource, fingerprint, read_image
 from lib.modeling import SamMed2D
 from lib.modeling.reduced_precision import PRECISIONS, cpu_has_native, set_encoder_precision
+from lib.serving.decoder_graphs import DecoderGraphs
 from lib.serving.decoding import ServedDecoding, decode_view, prompt_independent_inputs, view_mask
 from lib.serving.embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingKey
 from lib.serving.model_store import ModelStore
@@ -137,6 +138,9 @@ class InteractiveSegmenter:
             decodes a click in about two thirds of torch's time on one thread and holds about 0.1 GB more
             (``docs/benchmarks.md``).
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
+        decoder_graphs: with the torch backend, replay each click's prompt encoder and decoder from graphs recorded
+            per prompt layout (:class:`lib.serving.decoder_graphs.DecoderGraphs`: the eager logits bit for bit, 15-20%
+            faster per click in one process, but about 8 MB per layout kept for the process's life; opt-in).
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class InteractiveSegmenter:
         backend: str = "torch",
         encoder_precision: str = "fp32",
         limits: Limits | None = None,
+        decoder_graphs: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         if encoder_precision not in PRECISIONS:
@@ -174,6 +179,8 @@ class InteractiveSegmenter:
             raise ValueError("backend onnxruntime runs on the CPU: use device cpu, or backend torch on a GPU")
         self.backend = backend
         self._onnx_decoder: OnnxDecoder | None = None
+        self.decoder_graphs = decoder_graphs and backend == "torch"
+        self._graphs: DecoderGraphs | None = None
         self.decode_threads = decode_threads
         self.encode_threads = encode_threads
         self.store = store
@@ -220,6 +227,9 @@ class InteractiveSegmenter:
                 self._image_pe = model.prompt_encoder.get_dense_pe()
             if self.backend == "onnxruntime":
                 self._onnx_decoder = OnnxDecoder.from_model(model, threads=self.decode_threads or 1)
+            if self.decoder_graphs and (self._graphs is None or self._graphs.model is not model):
+                # Weights copied in place keep the recorded graphs (they read the parameters where they are).
+                self._graphs = DecoderGraphs(model, recorder=self._encoder_thread)
             self._model, self._model_key, self._failed_key = model, key, None
             self.last_load_error = None
             self.cache.invalidate()
@@ -309,6 +319,8 @@ class InteractiveSegmenter:
         extras: dict[str, Any] = prompt_independent_inputs(model, features, self._image_pe)
         if self._onnx_decoder is not None:
             extras["onnx_decoder"] = self._onnx_decoder
+        if self._graphs is not None:
+            extras["decoder_graphs"] = self._graphs
         return extras
 
     # ----------------------------------------------------------------- images
