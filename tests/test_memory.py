@@ -44,3 +44,43 @@ def test_freed_activations_leave_the_resident_memory_once_the_threshold_is_fixed
     assert held > 40 and after < 4, (held, after)
     held, after = run("dynamic")  # the default this guards against: the freed blocks stay resident
     assert held > 40 and after > 40, (held, after)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise")
+def test_a_swap_maps_the_new_checkpoint_in_parts_of_a_few_megabytes(tmp_path: Path) -> None:
+    """A model swap copies the new version from a file mapping (``copy_checkpoint_into``). ViT-B's adapter weights are
+    38 MB each: copied whole, each was mapped in whole first, the swap's largest transient (+39 MB file-backed RSS)."""
+    import threading
+    import time
+
+    import torch
+
+    from lib.io.checkpoint import COPY_CHUNK_BYTES, _copy_dropping_pages
+
+    def file_backed_mb() -> float:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no RssFile in /proc/self/status")
+
+    torch.save({"w": torch.randn(768, 768, 4, 4)}, tmp_path / "big.pt")  # the adapter weight's shape: 36 MB
+    source = torch.load(tmp_path / "big.pt", mmap=True, weights_only=True)["w"]
+    target = torch.empty(768, 4, 4, 768).permute(0, 3, 1, 2)  # stored in another order, as the served weights are
+    before, peak, done = file_backed_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], file_backed_mb() - before)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with torch.no_grad():
+            _copy_dropping_pages(target, source)
+    finally:
+        done.set()
+        sampler.join()
+    assert torch.equal(target, source)
+    assert COPY_CHUNK_BYTES <= 4 * 2**20
+    assert peak[0] < 12, f"{peak[0]:.1f} MB of the 36 MB mapped in at once"

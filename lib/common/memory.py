@@ -51,8 +51,14 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> None:
 def drop_mapped_pages(tensor: torch.Tensor) -> None:
     """Drop the pages of a file-mapped, never written ``tensor`` from this process's memory (``madvise``); they
     would be read from the file again if touched. Where that is unavailable the mapping is released as a whole."""
+    drop_mapped_range(tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size())
+
+
+def drop_mapped_range(start: int, end: int) -> None:
+    """:func:`drop_mapped_pages` for the addresses ``[start, end)`` of a file mapping never written, widened to whole
+    pages: also the pages the kernel mapped in around the ones read (64 KB around each fault)."""
     page = mmap.PAGESIZE
-    start = tensor.data_ptr() // page * page
-    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page) * page
+    start = start // page * page
+    end = -(-end // page) * page
     with contextlib.suppress(OSError, AttributeError):
         _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)

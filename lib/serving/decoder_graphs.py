@@ -2,7 +2,7 @@
 modules, without the Python between them (the server's opt-in ``--conf decoder_graphs true``).
 
 A click is about 230 small operations (a few prompt tokens against 256 image tokens); in eager mode the Python around
-each one (module calls, argument parsing, shape arithmetic) is 15-20% of the click. :class:`DecoderGraphs`
+each one (module calls, argument parsing, shape arithmetic) is 10-25% of the click. :class:`DecoderGraphs`
 records them once per prompt layout with :func:`torch.jit.trace` and replays them from C++: the same kernels in the
 same order, so the logits equal the eager ones bit for bit (``tests/test_decoder_graphs.py``) and the trainer's
 validation still measures what the server serves.
@@ -25,7 +25,7 @@ about 8 MB per tokens graph of a click's ~970 nodes. So the layouts are recorded
 stack), at most ``max_layouts`` of them per model, never evicted and re-recorded; further layouts decode eagerly.
 Recording a layout takes about 25-50 ms, once, on the click that first uses it.
 
-Measured (``docs/benchmarks.md``): 15-20% off a click in one process at two threads (the decoder at 1.9-2.4x the
+Measured (``docs/benchmarks.md``): 10-25% off a click in one process at two threads (the decoder at 1.9-2.4x the
 published code, against 1.5-1.9x eager), but through REST, where the server decodes on one thread and a click is
 mostly outside the model, within the runs' noise, for about 35-40 MB more resident memory. Hence opt-in.
 """

@@ -139,7 +139,7 @@ class InteractiveSegmenter:
             (``docs/benchmarks.md``).
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
         decoder_graphs: with the torch backend, replay each click's prompt encoder and decoder from graphs recorded
-            per prompt layout (:class:`lib.serving.decoder_graphs.DecoderGraphs`: the eager logits bit for bit, 15-20%
+            per prompt layout (:class:`lib.serving.decoder_graphs.DecoderGraphs`: the eager logits bit for bit, 10-25%
             faster per click in one process, but about 8 MB per layout kept for the process's life; opt-in).
     """
 
