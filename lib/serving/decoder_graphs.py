@@ -43,7 +43,7 @@ import torch
 
 from lib.modeling import SamMed2D
 from lib.modeling.mask_decoder import DecodedTokens
-from lib.modeling.onednn_linear import PackedLinear
+from lib.modeling.onednn_linear import PackedLinear, onednn_available
 from lib.serving.decoding import decode_prompt_tokens
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,10 @@ class DecoderGraphs:
     def __init__(self, model: SamMed2D, max_layouts: int = 6, recorder: Executor | None = None) -> None:
         self.model = model
         self.max_layouts = max_layouts
-        self._packed_layers = [m for m in model.mask_decoder.modules() if isinstance(m, PackedLinear)]
+        # The packed copies exist where the products run in oneDNN (CPU); elsewhere the graphs read the weights.
+        on_cpu = model.mask_decoder.mask_tokens.weight.device.type == "cpu"
+        packed = on_cpu and onednn_available()
+        self._packed_layers = [m for m in model.mask_decoder.modules() if isinstance(m, PackedLinear)] if packed else []
         self._graphs: dict[Layout, torch.jit.ScriptFunction | None] = {}
         self._layouts = 0
         self._lock = threading.Lock()
@@ -96,8 +99,8 @@ class DecoderGraphs:
     ) -> DecodedTokens | None:
         """:func:`lib.serving.decoding.decode_prompt_tokens` of these inputs from the layout's graph (recorded now if
         new), or ``None``: then the caller decodes eagerly."""
-        rows = next(t for t in (point_coords, boxes, mask_input) if t is not None).shape[0]
-        if rows != 1 or not all(name in first_layer for name in FIRST_LAYER_NAMES):
+        prompt = next((t for t in (point_coords, boxes, mask_input) if t is not None), None)
+        if prompt is None or prompt.shape[0] != 1 or not all(name in first_layer for name in FIRST_LAYER_NAMES):
             return None
         given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
         names = tuple(name for name in PROMPT_NAMES if given[name] is not None)
