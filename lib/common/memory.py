@@ -30,7 +30,7 @@ def release_freed_memory(collect: bool = True) -> None:
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 # Allocations from this size up get their own mapping, returned to the system when freed (see fix_mmap_threshold).
-MMAP_THRESHOLD_BYTES = 4 * 2**20
+MMAP_THRESHOLD_BYTES = 2 * 2**20
 
 
 def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> None:
@@ -38,11 +38,12 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> None:
 
     glibc raises its mmap threshold each time a mapped block is freed, up to 32 MB. A server that has loaded weights
     has it raised, so an encode's activations of several MB come from the heaps and their freed blocks stay resident
-    and fragment. Fixed at 4 MB when the server starts (``on_init_complete``), the peak above the floor during
-    start-up scoring measured through REST was 0.156-0.157 GB against 0.186-0.195 GB; the clicks' and a swap's
-    peaks did not move (what was allocated before is on the heaps already; fixed from process start by
-    ``MALLOC_MMAP_THRESHOLD_`` they dropped too). Clicks were no slower within the machine's noise; at 1 MB they
-    were slower (``docs/benchmarks.md``).
+    and fragment. Fixed when the server starts (``on_init_complete``), at 4 MB the peak above the floor during
+    start-up scoring measured through REST was 0.156-0.157 GB against 0.186-0.195 GB. At 2 MB the encoder's 3 MB
+    activations (the MLP's hidden layer, the global attention's bias, the adapters' columns) are mapped too: peaks
+    0.136-0.137 GB during scoring, 0.133-0.138 GB during the clicks and 0.128-0.133 GB during a swap, against
+    0.150 / 0.150 / 0.135 GB at 4 MB in the same hour, for an encode 1.5-3% slower (``docs/benchmarks.md``). At
+    1 MB the clicks were slower: a 512x512 mask in floats is 1 MB.
     """
     with contextlib.suppress(OSError, AttributeError):
         _libc().mallopt(M_MMAP_THRESHOLD, nbytes)
