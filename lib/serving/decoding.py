@@ -135,7 +135,7 @@ def decode_rows(
     first_layer = {k.split(".", 1)[1]: v for k, v in entry.extras.items() if k.startswith("first_layer.")}
     src, image_pe = entry.extras["src_no_mask"], entry.extras["image_pe"]
     mask = None if previous_low_res is None else decoding.mask_input(previous_low_res)
-    # The server's clicks replay the same operations from recorded graphs (lib.serving.decoder_graphs).
+    # --conf decoder_graphs true: a click replays the same operations from recorded graphs (lib.serving.decoder_graphs).
     graphs = entry.extras.get("decoder_graphs")
     decoded = None
     if graphs is not None:
