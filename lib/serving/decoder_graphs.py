@@ -113,11 +113,12 @@ class DecoderGraphs:
             decoded = decode_prompt_tokens(model, src, image_pe, terms, *(prompts.get(n) for n in PROMPT_NAMES))
             return decoded.mask_tokens, decoded.image_tokens, decoded.iou
 
-        graph = self._graph(layout(("tokens", names), inputs), tokens, inputs, counts_as_layout=True)
+        packed = self._packed_weights()
+        graph = self._graph(layout(("tokens", names), inputs), tokens, inputs, packed, counts_as_layout=True)
         if graph is None:
             return None
         with torch.jit.optimized_execution(False):
-            mask_tokens, image_tokens, iou = graph(*inputs, *self._packed_weights())
+            mask_tokens, image_tokens, iou = graph(*inputs, *packed)
         return DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=tuple(src.shape[2:]), iou=iou)
 
     def masks(self, decoded: DecodedTokens, outputs: torch.Tensor) -> torch.Tensor | None:
@@ -132,11 +133,12 @@ class DecoderGraphs:
             tokens = DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=grid, iou=mask_tokens)
             return decoder.masks(tokens, torch.tensor([index]))
 
-        graph = self._graph(layout(("mask", index, grid), inputs), mask, inputs, counts_as_layout=False)
+        # The masks read no packed weight (the up-scaling's products take the plain ones).
+        graph = self._graph(layout(("mask", index, grid), inputs), mask, inputs, [], counts_as_layout=False)
         if graph is None:
             return None
         with torch.jit.optimized_execution(False):
-            return graph(*inputs, *self._packed_weights())
+            return graph(*inputs)
 
     def __len__(self) -> int:
         """Graphs recorded."""
@@ -146,9 +148,15 @@ class DecoderGraphs:
         return [layer.onednn_weight() for layer in self._packed_layers]
 
     def _graph(
-        self, key: Layout, fn: Callable, inputs: tuple[torch.Tensor, ...], counts_as_layout: bool
+        self,
+        key: Layout,
+        fn: Callable,
+        inputs: tuple[torch.Tensor, ...],
+        weights: list[torch.Tensor],
+        counts_as_layout: bool,
     ) -> torch.jit.ScriptFunction | None:
-        """The graph of ``key``, recorded now when it is new and within the bound; ``None`` where there is none."""
+        """The graph of ``key`` (``fn`` of ``inputs``, then ``weights`` as inputs too), recorded now when it is new and
+        within the bound; ``None`` where there is none."""
         with self._lock:
             if key in self._graphs:
                 return self._graphs[key]
@@ -163,7 +171,7 @@ class DecoderGraphs:
                     max_workers=1, thread_name_prefix="decoder-graphs", initializer=torch.set_num_threads, initargs=(1,)
                 )
             start = time.perf_counter()
-            self._graphs[key] = graph = self._recorder.submit(self._record, key, fn, inputs).result()
+            self._graphs[key] = graph = self._recorder.submit(self._record, key, fn, inputs, weights).result()
             if graph is not None:
                 logger.info(
                     "Recorded the decoder graph of %s in %.0f ms (%d of %d prompt layouts)",
@@ -174,9 +182,9 @@ class DecoderGraphs:
                 )
             return graph
 
-    def _record(self, key: Layout, fn: Callable, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptFunction | None:
-        packed = self._packed_weights()
-
+    def _record(
+        self, key: Layout, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
+    ) -> torch.jit.ScriptFunction | None:
         def traced(*args):  # noqa: ANN002, ANN202 (traced): the packed weights come last, as inputs
             return fn(*args[: len(inputs)])
 
@@ -184,7 +192,7 @@ class DecoderGraphs:
             with torch.inference_mode(), warnings.catch_warnings():
                 # The warnings name the shape-dependent Python choices, which the layout fixes.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return torch.jit.trace(traced, (*inputs, *packed), check_trace=False)
+                return torch.jit.trace(traced, (*inputs, *weights), check_trace=False)
         except Exception:  # a layout that cannot be recorded decodes eagerly
             logger.exception("Cannot record the decoder graph of %s; it decodes eagerly", key[0])
             return None
