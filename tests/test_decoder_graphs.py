@@ -8,6 +8,8 @@ and the decoder MLPs' packed copies are re-packed from them).
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -105,16 +107,43 @@ def test_a_new_image_and_weights_copied_in_place_are_what_the_graphs_read(model)
         model.load_state_dict(state)
 
 
-def test_layouts_past_the_bound_decode_eagerly_and_nothing_is_recorded_again(model):
-    graphs = DecoderGraphs(model, max_layouts=2)
+def test_one_graph_serves_a_growing_number_of_clicks_where_it_is_exact(model):
+    """A tokens graph recorded with one point replays for more points (the tracer records the shape arithmetic) as
+    long as the Python choices that depend on the number of tokens come out the same; where they do not (10 points:
+    the cross-attention is no longer folded) the check against the eager decoder says so and another graph is
+    recorded. Every answer is the eager one."""
+    graphs = DecoderGraphs(model)
     with torch.inference_mode():
         features = torch.randn(1, 256, 16, 16)
         traced, eager = entry_of(model, features, graphs), entry_of(model, features, None)
-        for points in (1, 2, 3, 1, 2, 3):
-            inputs = prompts(1, points, False, points)
+        previous = None
+        for points in (1, 2, 3, 9, 10, 11, 2):
+            inputs = (*prompts(1, points, False, points), previous)
+            got = decode_rows(model, traced, DECODING, *inputs)
+            assert_same(got, decode_rows(model, eager, DECODING, *inputs))
+            previous = got[0] if points > 1 else torch.randn(1, 1, 64, 64)
+    first, *others = graphs._tokens.values()
+    assert len(first) == 1 and first[0].exact_for == {1: True}  # the clicks without a previous mask
+    ((recorded_with_two, recorded_with_ten),) = others  # with it: 2-9 points on one graph, 10-11 on another
+    assert recorded_with_two.exact_for == {2: True, 3: True, 9: True, 10: False, 11: False}
+    assert recorded_with_ten.exact_for == {10: True, 11: True}
+
+
+def test_graphs_past_the_bound_are_dropped_least_recently_used_first_and_freed(model):
+    graphs = DecoderGraphs(model, max_graphs=2)
+    with torch.inference_mode():
+        features = torch.randn(1, 256, 16, 16)
+        traced, eager = entry_of(model, features, graphs), entry_of(model, features, None)
+        kinds = {"points": (2, False), "box": (0, True), "box and points": (1, True)}
+        recorded = {}
+        for name in ("points", "box", "points", "box and points"):
+            inputs = prompts(1, *kinds[name], 0)
             assert_same(decode_rows(model, traced, DECODING, *inputs), decode_rows(model, eager, DECODING, *inputs))
-    tokens_graphs = [key for key in graphs._graphs if key[0][0] == "tokens"]
-    assert len(tokens_graphs) == 2
+            recorded.setdefault(name, weakref.ref(graphs._tokens[next(reversed(graphs._tokens))][0]))
+    assert sum(map(len, graphs._tokens.values())) == 2
+    gc.collect()
+    assert recorded["box"]() is None  # the least recently used, and nothing else holds it
+    assert recorded["points"]() is not None and recorded["box and points"]() is not None
 
 
 def test_recording_runs_on_one_intra_op_thread_of_its_own(model):
@@ -156,5 +185,4 @@ def test_the_segmenter_with_graphs_answers_clicks_as_without(golden_dir: Path, t
         assert answers[1].used_previous_mask == (not reset)
         assert np.array_equal(answers[0].mask, answers[1].mask)
         assert torch.equal(answers[0].low_res, answers[1].low_res) and answers[0].iou == answers[1].iou
-    tokens_graphs = {key[0] for key in graphed._graphs._graphs if key[0][0] == "tokens"}
-    assert len(tokens_graphs) == 3 and plain._graphs is None
+    assert len(graphed._graphs._tokens) == 3 and plain._graphs is None

@@ -3,35 +3,37 @@ modules, without the Python between them (the server's opt-in ``--conf decoder_g
 
 A click is about 230 small operations (a few prompt tokens against 256 image tokens); in eager mode the Python around
 each one (module calls, argument parsing, shape arithmetic) is 10-25% of the click. :class:`DecoderGraphs`
-records them once per prompt layout with :func:`torch.jit.trace` and replays them from C++: the same kernels in the
-same order, so the logits equal the eager ones bit for bit (``tests/test_decoder_graphs.py``) and the trainer's
-validation still measures what the server serves.
+records them once with the tracer and replays them from C++: the same kernels in the same order, so the logits equal
+the eager ones bit for bit (``tests/test_decoder_graphs.py``) and the trainer's validation still measures what the
+server serves.
 
 Two graphs serve a click, because the kept output is chosen by the predicted IoUs between them:
 
-* the *tokens* graph of a layout, :func:`lib.serving.decoding.decode_prompt_tokens` (the mask prompt's first-layer
-  terms, the sparse prompt embedding, the transformer and the IoU head). A layout fixes which prompts are given and
-  every input's shape, so the shape-dependent choices made in Python (:meth:`Attention.folds`) are part of it;
-* the *mask* graph of the kept output, :meth:`MaskDecoder.masks` for that output (one per output and grid).
+* the *tokens* graph of a prompt kind, :func:`lib.serving.decoding.decode_prompt_tokens` (the mask prompt's
+  first-layer terms, the sparse prompt embedding, the transformer and the IoU head). A kind fixes which prompts are
+  given (points, a box, a previous mask) and the shapes of everything but the number of points: the tracer records
+  the shape arithmetic, so one graph serves a growing number of clicks, where the Python choices that depend on it
+  (:meth:`Attention.folds`, the oneDNN size threshold) come out the same. Whether they do is not assumed: the first
+  time a graph meets a number of points it was not recorded with, the eager decoder runs too and the graph serves
+  that number only if it gave the eager result bit for bit (a click of 10 points on a graph recorded with 1 does not:
+  the attention is not folded there), otherwise a graph is recorded for it;
+* the *mask* graph of the kept output, :meth:`MaskDecoder.masks` for that output (one per output).
 
 What the graphs read: the per-image terms and the prompts are inputs, and so are the decoder MLPs' packed weights
 (:class:`~lib.modeling.onednn_linear.PackedLinear`: an opaque oneDNN tensor cannot be a recorded constant, and the copy
 is re-packed when the weight changes). The other weights are read where they are, so weights copied into the model in
 place (a model swap) serve the next click; a new model object needs new graphs.
 
-Memory: TorchScript keeps about 5-8 KB per recorded operation for the life of the process (each node's source range
-holds the Python stack it was recorded under, and PyTorch never frees a traced graph: pytorch/pytorch#35600, #86537),
-about 8 MB per tokens graph of a click's ~970 nodes. So the layouts are recorded on a thread of their own (a shallow
-stack), at most ``max_layouts`` of them per model, never evicted and re-recorded; further layouts decode eagerly.
-Recording a layout takes about 25-50 ms, once, on the click that first uses it.
-
-Measured (``docs/benchmarks.md``): 10-25% off a click in one process at two threads (the decoder at 1.9-2.4x the
-published code, against 1.5-1.9x eager), but through REST, where the server decodes on one thread and a click is
-mostly outside the model, within the runs' noise, for about 35-40 MB more resident memory. Hence opt-in.
+Memory: ``torch.jit.trace`` keeps every graph it makes for the life of the process (pytorch/pytorch#35600, #86537),
+and a graph of a click's ~1000 nodes holds several MB. So graphs are recorded with the tracer alone and each is
+compiled in a compilation unit of its own: it is freed with its :class:`RecordedGraph`, and at most ``max_graphs``
+tokens graphs are kept, the least recently used dropped first. Recording takes about 25-50 ms, on the click that first
+needs it; checking a graph on a new number of points costs one eager decoding.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -51,39 +53,94 @@ logger = logging.getLogger(__name__)
 # The first-layer terms of an encoded image (:meth:`TwoWayTransformer.first_layer_terms`), in the graphs' input order.
 FIRST_LAYER_NAMES = ("keys", "key_pe", "t2i_k", "t2i_v", "i2t_q")
 PROMPT_NAMES = ("point_coords", "point_labels", "boxes", "mask_input")
+# Inputs whose second dimension is the number of points: a tokens graph is not specific to it.
+POINT_INPUTS = ("point_coords", "point_labels")
 
 Layout = tuple
 
 
-def layout(kind: tuple, inputs: tuple[torch.Tensor, ...]) -> Layout:
+def layout(kind: tuple, inputs: dict[str, torch.Tensor]) -> Layout:
     """What a recorded graph is specific to: ``kind`` (which inputs are given, or which output's mask) and the shape,
-    dtype and device of every input."""
-    return kind, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+    dtype and device of every input, but the number of points."""
+    shapes = []
+    for name, tensor in inputs.items():
+        shape = tuple(tensor.shape)
+        if name in POINT_INPUTS:
+            shape = (shape[0], None, *shape[2:])
+        shapes.append((name, shape, tensor.dtype, tensor.device))
+    return kind, tuple(shapes)
+
+
+class RecordedGraph:
+    """A recorded graph as a function, compiled in a compilation unit of its own so that it is freed with this object.
+
+    Attributes:
+        exact_for: numbers of points the graph was checked on: ``True`` where it gave the eager decoder's result bit
+            for bit (the one it was recorded with among them), ``False`` where it did not.
+    """
+
+    def __init__(self, graph: torch._C.Graph, points: int) -> None:
+        self._weights = compact(graph)
+        self._unit = torch._C.CompilationUnit()
+        self._function = self._unit.create_function("decoder_graph", graph)
+        self.exact_for: dict[int, bool] = {points: True}
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        # The simple executor: the profiling one specialises and fuses, which changes the sums' order.
+        with torch.jit.optimized_execution(False):
+            return self._function(*inputs, *self._weights)
+
+
+def compact(graph: torch._C.Graph) -> list[torch.Tensor]:
+    """Fold a recorded graph's scalar bookkeeping, in place, and return the tensors it read as constants, now its last
+    inputs.
+
+    The tracer records the shape arithmetic of the Python code (sizes to ints to tensors and back), about three
+    quarters of a click's nodes. Its constant folding would also evaluate operations on the weights (a concatenation
+    of embeddings, a product of two weights) into new tensors that a model swap in place would not update, and its
+    constant pooling would merge weights that happen to be equal: so the weights are made inputs first, and only
+    scalars and lists are folded.
+    """
+    weights = []
+    for node in list(graph.nodes()):
+        if node.kind() == "prim::Constant" and isinstance(node.output().toIValue(), torch.Tensor):
+            value = graph.addInput(f"weight_{len(weights)}")
+            value.setType(node.output().type())
+            weights.append(node.output().toIValue())
+            node.output().replaceAllUsesWith(value)
+            node.destroy()
+    torch._C._jit_pass_peephole(graph, True)  # shapes stay symbolic: one graph serves any number of points
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_constant_pooling(graph)
+    torch._C._jit_pass_dce(graph)
+    return weights
 
 
 class DecoderGraphs:
     """The recorded decoder graphs of one model, for clicks (one prompt row); inference only.
 
     :func:`lib.serving.decoding.decode_rows` asks :meth:`decode_tokens` and :meth:`masks` first and runs the eager
-    modules where they return ``None`` (several prompt rows, a layout past ``max_layouts``, one that failed to record).
+    modules where they return ``None`` (several prompt rows, a prompt that failed to record).
 
     Args:
         model: the served model, in eval mode, its parameters without gradients.
-        max_layouts: tokens graphs recorded at most (a prompt of ``n`` points is a layout per ``n``, with or without a
-            box and a previous mask); the mask graphs, one per output, come on top.
+        max_graphs: tokens graphs kept at most, the least recently used dropped first (a prompt kind needs one, or two
+            where its number of points crosses a choice of the Python code); the mask graphs, one per output, come
+            on top.
         recorder: the single thread that records (the server's encoder thread: a thread of its own keeps a malloc
             arena and buffers of its own, about 20 MB). ``None``: a thread of this object's, with one intra-op thread.
     """
 
-    def __init__(self, model: SamMed2D, max_layouts: int = 6, recorder: Executor | None = None) -> None:
+    def __init__(self, model: SamMed2D, max_graphs: int = 4, recorder: Executor | None = None) -> None:
         self.model = model
-        self.max_layouts = max_layouts
+        self.max_graphs = max_graphs
         # The packed copies exist where the products run in oneDNN (CPU); elsewhere the graphs read the weights.
         on_cpu = model.mask_decoder.mask_tokens.weight.device.type == "cpu"
         packed = on_cpu and onednn_available()
         self._packed_layers = [m for m in model.mask_decoder.modules() if isinstance(m, PackedLinear)] if packed else []
-        self._graphs: dict[Layout, torch.jit.ScriptFunction | None] = {}
-        self._layouts = 0
+        self._tokens: collections.OrderedDict[Layout, list[RecordedGraph]] = collections.OrderedDict()
+        self._masks: dict[Layout, RecordedGraph | None] = {}
+        self._failed: set[tuple[Layout, int]] = set()
         self._lock = threading.Lock()
         self._recorder = recorder
 
@@ -97,14 +154,17 @@ class DecoderGraphs:
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
     ) -> DecodedTokens | None:
-        """:func:`lib.serving.decoding.decode_prompt_tokens` of these inputs from the layout's graph (recorded now if
-        new), or ``None``: then the caller decodes eagerly."""
+        """:func:`lib.serving.decoding.decode_prompt_tokens` of these inputs from a graph of their kind (recorded or
+        checked now where needed), or ``None``: then the caller decodes eagerly."""
         prompt = next((t for t in (point_coords, boxes, mask_input) if t is not None), None)
         if prompt is None or prompt.shape[0] != 1 or not all(name in first_layer for name in FIRST_LAYER_NAMES):
             return None
         given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
+        named = {"src": src, "image_pe": image_pe}
+        named.update((name, given[name]) for name in PROMPT_NAMES if given[name] is not None)
+        named.update((name, first_layer[name]) for name in FIRST_LAYER_NAMES)
         names = tuple(name for name in PROMPT_NAMES if given[name] is not None)
-        inputs = (src, image_pe, *(given[n] for n in names), *(first_layer[n] for n in FIRST_LAYER_NAMES))
+        inputs, points = tuple(named.values()), 0 if point_coords is None else point_coords.shape[1]
         model = self.model
 
         def tokens(src, image_pe, *rest):  # noqa: ANN001, ANN202 (traced)
@@ -113,13 +173,28 @@ class DecoderGraphs:
             decoded = decode_prompt_tokens(model, src, image_pe, terms, *(prompts.get(n) for n in PROMPT_NAMES))
             return decoded.mask_tokens, decoded.image_tokens, decoded.iou
 
+        def as_decoded(outputs: tuple[torch.Tensor, ...]) -> DecodedTokens:
+            mask_tokens, image_tokens, iou = outputs
+            return DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=tuple(src.shape[2:]), iou=iou)
+
+        key = layout(("tokens", names), named)
         packed = self._packed_weights()
-        graph = self._graph(layout(("tokens", names), inputs), tokens, inputs, packed, counts_as_layout=True)
-        if graph is None:
-            return None
-        with torch.jit.optimized_execution(False):
-            mask_tokens, image_tokens, iou = graph(*inputs, *packed)
-        return DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=tuple(src.shape[2:]), iou=iou)
+        graph, unchecked = self._tokens_graph(key, points)
+        if graph is not None:
+            return as_decoded(graph(*inputs, *packed))
+        eager = None
+        if unchecked:
+            # A number of points these graphs were not recorded with: one serves it if it gives the eager result
+            # exactly.
+            eager = tokens(*inputs)
+            for graph in unchecked:
+                graph.exact_for[points] = all(torch.equal(a, b) for a, b in zip(graph(*inputs, *packed), eager))
+                if graph.exact_for[points]:
+                    return as_decoded(eager)
+        recorded = self._record_tokens(key, points, tokens, inputs, packed)
+        if eager is not None:
+            return as_decoded(eager)
+        return None if recorded is None else as_decoded(recorded(*inputs, *packed))
 
     def masks(self, decoded: DecodedTokens, outputs: torch.Tensor) -> torch.Tensor | None:
         """:meth:`MaskDecoder.masks` of the kept ``outputs`` ``(1,)`` from that output's graph, or ``None`` (several
@@ -127,72 +202,87 @@ class DecoderGraphs:
         if decoded.mask_tokens.shape[0] != 1:
             return None
         decoder, index, grid = self.model.mask_decoder, int(outputs[0]), decoded.grid
-        inputs = (decoded.mask_tokens, decoded.image_tokens)
+        named = {"mask_tokens": decoded.mask_tokens, "image_tokens": decoded.image_tokens}
 
         def mask(mask_tokens, image_tokens):  # noqa: ANN001, ANN202 (traced)
             tokens = DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=grid, iou=mask_tokens)
             return decoder.masks(tokens, torch.tensor([index]))
 
-        # The masks read no packed weight (the up-scaling's products take the plain ones).
-        graph = self._graph(layout(("mask", index, grid), inputs), mask, inputs, [], counts_as_layout=False)
-        if graph is None:
-            return None
-        with torch.jit.optimized_execution(False):
-            return graph(*inputs)
+        key = layout(("mask", index, grid), named)
+        with self._lock:
+            if key not in self._masks:
+                # The masks read no packed weight (the up-scaling's products take the plain ones).
+                self._masks[key] = self._record(key, 0, mask, tuple(named.values()), [])
+            graph = self._masks[key]
+        return None if graph is None else graph(*named.values())
 
     def __len__(self) -> int:
-        """Graphs recorded."""
-        return sum(graph is not None for graph in self._graphs.values())
+        """Graphs kept."""
+        with self._lock:
+            return sum(map(len, self._tokens.values())) + sum(graph is not None for graph in self._masks.values())
 
     def _packed_weights(self) -> list[torch.Tensor]:
         return [layer.onednn_weight() for layer in self._packed_layers]
 
-    def _graph(
-        self,
-        key: Layout,
-        fn: Callable,
-        inputs: tuple[torch.Tensor, ...],
-        weights: list[torch.Tensor],
-        counts_as_layout: bool,
-    ) -> torch.jit.ScriptFunction | None:
-        """The graph of ``key`` (``fn`` of ``inputs``, then ``weights`` as inputs too), recorded now when it is new and
-        within the bound; ``None`` where there is none."""
+    def _tokens_graph(self, key: Layout, points: int) -> tuple[RecordedGraph | None, list[RecordedGraph]]:
+        """The kind's graph that serves ``points`` points, or else those not yet checked on them."""
         with self._lock:
-            if key in self._graphs:
-                return self._graphs[key]
-            if counts_as_layout and self._layouts >= self.max_layouts:
+            graphs = self._tokens.get(key, [])
+            if graphs:
+                self._tokens.move_to_end(key)
+            exact = next((graph for graph in graphs if graph.exact_for.get(points)), None)
+            return exact, [graph for graph in graphs if points not in graph.exact_for]
+
+    def _record_tokens(
+        self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
+    ) -> RecordedGraph | None:
+        """A new tokens graph of ``key`` recorded with ``points`` points, kept within ``max_graphs``."""
+        with self._lock:
+            if (key, points) in self._failed or self.max_graphs < 1:
                 return None
-            self._layouts += counts_as_layout
-            if self._recorder is None:
-                # One intra-op thread: a new thread whose operations fork an OpenMP team of its own makes libgomp
-                # throttle every team's spinning (more threads than cores), and the other threads' products ran 2x
-                # slower from then on. The count is the thread's own (torch.set_num_threads is per thread).
-                self._recorder = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="decoder-graphs", initializer=torch.set_num_threads, initargs=(1,)
-                )
-            start = time.perf_counter()
-            self._graphs[key] = graph = self._recorder.submit(self._record, key, fn, inputs, weights).result()
-            if graph is not None:
-                logger.info(
-                    "Recorded the decoder graph of %s in %.0f ms (%d of %d prompt layouts)",
-                    key[0],
-                    1000 * (time.perf_counter() - start),
-                    self._layouts,
-                    self.max_layouts,
-                )
-            return graph
+        graph = self._record(key, points, fn, inputs, weights)
+        with self._lock:
+            if graph is None:
+                self._failed.add((key, points))
+                return None
+            self._tokens.setdefault(key, []).append(graph)
+            self._tokens.move_to_end(key)
+            while sum(map(len, self._tokens.values())) > self.max_graphs:
+                oldest = next(iter(self._tokens))
+                self._tokens[oldest].pop(0)
+                if not self._tokens[oldest]:
+                    del self._tokens[oldest]
+        return graph
 
     def _record(
-        self, key: Layout, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
-    ) -> torch.jit.ScriptFunction | None:
+        self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
+    ) -> RecordedGraph | None:
+        """``fn`` of ``inputs`` (then ``weights`` as inputs too) recorded on the recorder thread, or ``None``."""
+        if self._recorder is None:
+            # One intra-op thread: a new thread whose operations fork an OpenMP team of its own makes libgomp
+            # throttle every team's spinning (more threads than cores), and the other threads' products ran 2x
+            # slower from then on. The count is the thread's own (torch.set_num_threads is per thread).
+            self._recorder = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="decoder-graphs", initializer=torch.set_num_threads, initargs=(1,)
+            )
+
         def traced(*args):  # noqa: ANN002, ANN202 (traced): the packed weights come last, as inputs
             return fn(*args[: len(inputs)])
 
-        try:
-            with torch.inference_mode(), warnings.catch_warnings():
-                # The warnings name the shape-dependent Python choices, which the layout fixes.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return torch.jit.trace(traced, (*inputs, *weights), check_trace=False)
-        except Exception:  # a layout that cannot be recorded decodes eagerly
-            logger.exception("Cannot record the decoder graph of %s; it decodes eagerly", key[0])
-            return None
+        def record() -> RecordedGraph | None:
+            try:
+                with torch.inference_mode(), warnings.catch_warnings():
+                    # The warnings name the shape-dependent Python choices, which the graphs' checks cover.
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    # The tracer alone: torch.jit.trace would add the graph to a compilation unit that lives forever.
+                    graph, _ = torch.jit._get_trace_graph(traced, (*inputs, *weights))
+                return RecordedGraph(graph, points)
+            except Exception:  # a prompt that cannot be recorded decodes eagerly
+                logger.exception("Cannot record the decoder graph of %s; it decodes eagerly", key[0])
+                return None
+
+        start = time.perf_counter()
+        graph = self._recorder.submit(record).result()
+        if graph is not None:
+            logger.info("Recorded the decoder graph of %s in %.0f ms", key[0], 1000 * (time.perf_counter() - start))
+        return graph
