@@ -146,21 +146,8 @@ def test_graphs_past_the_bound_are_dropped_least_recently_used_first_and_freed(m
     assert recorded["points"]() is not None and recorded["box and points"]() is not None
 
 
-def test_recording_runs_on_one_intra_op_thread_of_its_own(model):
-    """A second thread forking an OpenMP team of its own made every other thread's products about 2x slower (libgomp
-    throttles its spinning when there are more team threads than cores): the recorder runs single-threaded."""
-    graphs = DecoderGraphs(model)
-    threads = torch.get_num_threads()
-    with torch.inference_mode():
-        features = torch.randn(1, 256, 16, 16)
-        decode_rows(model, entry_of(model, features, graphs), DECODING, *prompts(1, 1, False, 0)[:2])
-    assert len(graphs) == 2
-    assert graphs._recorder.submit(torch.get_num_threads).result() == 1
-    assert torch.get_num_threads() == threads
-
-
 def test_the_segmenter_with_graphs_answers_clicks_as_without(golden_dir: Path, tmp_path: Path):
-    """``--conf decoder_graphs true``: the server's segmenter records on its encoder thread, under its locks, and a
+    """``--conf decoder_graphs true``: the server's segmenter records on the clicking thread, under its locks, and a
     click, a correction with the previous mask and a box give the eager answers."""
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(tmp_path / "picture.png")

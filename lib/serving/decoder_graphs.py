@@ -34,12 +34,12 @@ needs it; checking a graph on a new number of points costs one eager decoding.
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 
@@ -81,14 +81,18 @@ class RecordedGraph:
 
     def __init__(self, graph: torch._C.Graph, points: int) -> None:
         self._weights = compact(graph)
-        self._unit = torch._C.CompilationUnit()
-        self._function = self._unit.create_function("decoder_graph", graph)
+        unit = torch._C.CompilationUnit()
+        saved = unit.create_function("forward", graph).save_to_buffer()
+        # Loaded back from its serialized form, in a compilation unit of its own: the nodes then point into one
+        # printed source, where a traced node holds the text of the whole Python stack it was recorded under (about
+        # 64 bytes a frame, and a server's request thread is some 50 frames deep).
+        self._module = torch.jit.load(io.BytesIO(saved))
         self.exact_for: dict[int, bool] = {points: True}
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         # The simple executor: the profiling one specialises and fuses, which changes the sums' order.
         with torch.jit.optimized_execution(False):
-            return self._function(*inputs, *self._weights)
+            return self._module(*inputs, *self._weights)
 
 
 def compact(graph: torch._C.Graph) -> list[torch.Tensor]:
@@ -127,11 +131,14 @@ class DecoderGraphs:
         max_graphs: tokens graphs kept at most, the least recently used dropped first (a prompt kind needs one, or two
             where its number of points crosses a choice of the Python code); the mask graphs, one per output, come
             on top.
-        recorder: the single thread that records (the server's encoder thread: a thread of its own keeps a malloc
-            arena and buffers of its own, about 20 MB). ``None``: a thread of this object's, with one intra-op thread.
+
+    Graphs are recorded on the thread that decodes. Another thread would keep buffers of its own for the decoder's
+    operations (the server's encoder thread held 6 MB more), and one that forks an OpenMP team of its own makes libgomp
+    throttle every team's spinning once there are more team threads than cores (every product of the process ran 2x
+    slower from then on).
     """
 
-    def __init__(self, model: SamMed2D, max_graphs: int = 4, recorder: Executor | None = None) -> None:
+    def __init__(self, model: SamMed2D, max_graphs: int = 4) -> None:
         self.model = model
         self.max_graphs = max_graphs
         # The packed copies exist where the products run in oneDNN (CPU); elsewhere the graphs read the weights.
@@ -142,7 +149,6 @@ class DecoderGraphs:
         self._masks: dict[Layout, RecordedGraph | None] = {}
         self._failed: set[tuple[Layout, int]] = set()
         self._lock = threading.Lock()
-        self._recorder = recorder
 
     def decode_tokens(
         self,
@@ -257,32 +263,21 @@ class DecoderGraphs:
     def _record(
         self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
     ) -> RecordedGraph | None:
-        """``fn`` of ``inputs`` (then ``weights`` as inputs too) recorded on the recorder thread, or ``None``."""
-        if self._recorder is None:
-            # One intra-op thread: a new thread whose operations fork an OpenMP team of its own makes libgomp
-            # throttle every team's spinning (more threads than cores), and the other threads' products ran 2x
-            # slower from then on. The count is the thread's own (torch.set_num_threads is per thread).
-            self._recorder = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="decoder-graphs", initializer=torch.set_num_threads, initargs=(1,)
-            )
+        """``fn`` of ``inputs`` (then ``weights`` as inputs too) recorded, or ``None``."""
 
         def traced(*args):  # noqa: ANN002, ANN202 (traced): the packed weights come last, as inputs
             return fn(*args[: len(inputs)])
 
-        def record() -> RecordedGraph | None:
-            try:
-                with torch.inference_mode(), warnings.catch_warnings():
-                    # The warnings name the shape-dependent Python choices, which the graphs' checks cover.
-                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                    # The tracer alone: torch.jit.trace would add the graph to a compilation unit that lives forever.
-                    graph, _ = torch.jit._get_trace_graph(traced, (*inputs, *weights))
-                return RecordedGraph(graph, points)
-            except Exception:  # a prompt that cannot be recorded decodes eagerly
-                logger.exception("Cannot record the decoder graph of %s; it decodes eagerly", key[0])
-                return None
-
         start = time.perf_counter()
-        graph = self._recorder.submit(record).result()
-        if graph is not None:
-            logger.info("Recorded the decoder graph of %s in %.0f ms", key[0], 1000 * (time.perf_counter() - start))
-        return graph
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                # The warnings name the shape-dependent Python choices, which the graphs' checks cover.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                # The tracer alone: torch.jit.trace would add the graph to a compilation unit that lives forever.
+                graph, _ = torch.jit._get_trace_graph(traced, (*inputs, *weights))
+            recorded = RecordedGraph(graph, points)
+        except Exception:  # a prompt that cannot be recorded decodes eagerly
+            logger.exception("Cannot record the decoder graph of %s; it decodes eagerly", key[0])
+            return None
+        logger.info("Recorded the decoder graph of %s in %.0f ms", key[0], 1000 * (time.perf_counter() - start))
+        return recorded

@@ -139,8 +139,8 @@ class InteractiveSegmenter:
             (``docs/benchmarks.md``).
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
         decoder_graphs: with the torch backend, replay each click's prompt encoder and decoder from graphs recorded
-            per prompt layout (:class:`lib.serving.decoder_graphs.DecoderGraphs`: the eager logits bit for bit, 10-25%
-            faster per click in one process, but about 8 MB per layout kept for the process's life; opt-in).
+            per prompt kind (:class:`lib.serving.decoder_graphs.DecoderGraphs`: the eager logits bit for bit, 20-30%
+            faster per click, for about 20 MB more resident memory; opt-in).
     """
 
     def __init__(
@@ -228,8 +228,9 @@ class InteractiveSegmenter:
             if self.backend == "onnxruntime":
                 self._onnx_decoder = OnnxDecoder.from_model(model, threads=self.decode_threads or 1)
             if self.decoder_graphs and (self._graphs is None or self._graphs.model is not model):
-                # Weights copied in place keep the recorded graphs (they read the parameters where they are).
-                self._graphs = DecoderGraphs(model, recorder=self._encoder_thread)
+                # Weights copied in place keep the recorded graphs (they read the parameters where they are); a new
+                # model's graphs replace the old ones, which are freed with them.
+                self._graphs = DecoderGraphs(model)
             self._model, self._model_key, self._failed_key = model, key, None
             self.last_load_error = None
             self.cache.invalidate()
