@@ -49,12 +49,15 @@ from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.export import export_onnx
 from lib.serving.onnx_backend import OnnxSamMed2D
 from lib.serving.predictor import Predictor
+from lib.training.evaluation import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SAM_MED2D_SHARED", ROOT.parent / "shared"))
 DEFAULT_PUBLISHED = SHARED / "reference/sam_med2d_official"
 GOLDEN = SHARED / "spec/golden_tiny"
 GOLDEN_CASES = ("one_point", "box", "three_points", "box_and_point")
+# Written by `python -m benchmarks.bench_training` (the small model after 5 epochs from scratch on HC18).
+HC18_CHECKPOINT = ROOT / "benchmarks/results/small_hc18_scratch_seed0.pt"
 
 
 def published_model(code_dir: Path, ours: SamMed2D) -> torch.nn.Module:
@@ -126,6 +129,23 @@ def golden_dice_change(precision: str, golden_dir: Path = GOLDEN) -> list[float]
     ]
 
 
+def hc18_dice_change(precisions: list[str], checkpoint: Path) -> dict[str, dict[str, float]]:
+    """Held-out HC18 Dice (the 40 subjects of :func:`benchmarks.bench_training.hc18_split`, the paper's protocol
+    through :func:`lib.training.evaluation.evaluate_model`: box, 1, 3 and 5 clicks, seed 0, decoded as the server
+    decodes) of the small model trained on HC18 by ``bench_training`` (``checkpoint``), with the fp32 encoder and each
+    of ``precisions``: ``{precision: {mode: mean Dice}}``. No trained ViT-B weights are at hand; the reduced-precision
+    encoders quantise or cast the same layers of any width."""
+    from benchmarks.bench_training import SMALL, evaluation_samples, hc18_split
+
+    samples = evaluation_samples(hc18_split()[1])
+    dice = {}
+    for precision in ("fp32", *precisions):
+        model = set_encoder_precision(load_model(checkpoint, SMALL), precision)
+        with torch.inference_mode():
+            dice[precision] = evaluate_model(model, samples, (1, 3, 5), seed=0)["dice"]
+    return dice
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -140,6 +160,12 @@ def main() -> None:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     parser.add_argument(
         "--precisions", nargs="*", default=["int8", "bf16"], help="reduced-precision encoder rows (int8, bf16)"
+    )
+    parser.add_argument(
+        "--hc18-checkpoint",
+        type=Path,
+        default=HC18_CHECKPOINT,
+        help="the small model trained on HC18 by `bench_training` (its held-out Dice per precision; skipped if absent)",
     )
     parser.add_argument(
         "--fresh-allocator", action="store_true", help="keep glibc's default thresholds (see warm_allocator)"
@@ -271,6 +297,17 @@ def main() -> None:
             f"largest embedding difference {rel_diff:.1e} of its range; golden cases' Dice change against fp32 "
             f"{', '.join(f'{d:+.4f}' for d in dice)} (worst {min(dice):+.4f})"
         )
+    if reduced and args.hc18_checkpoint.is_file():
+        held_out = hc18_dice_change(list(reduced), args.hc18_checkpoint)
+        modes = list(held_out["fp32"])
+        print(f"held-out HC18 Dice, 40 subjects, small model trained by bench_training ({args.hc18_checkpoint}):")
+        print(f"{'encoder':<8}" + "".join(f"{mode:>10}" for mode in modes) + "   change against fp32 (worst)")
+        for precision, row in held_out.items():
+            changes = [row[m] - held_out["fp32"][m] for m in modes]
+            worst = "" if precision == "fp32" else f"   {', '.join(f'{c:+.4f}' for c in changes)} ({min(changes):+.4f})"
+            print(f"{precision:<8}" + "".join(f"{row[m]:>10.4f}" for m in modes) + worst)
+    elif reduced:
+        print(f"held-out HC18 Dice: no {args.hc18_checkpoint} (python -m benchmarks.bench_training writes it)")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,16 @@ Two graphs serve a click, because the kept output is chosen by the predicted IoU
 
 What the graphs read: the per-image terms and the prompts are inputs, and so are the decoder MLPs' packed weights
 (:class:`~lib.modeling.onednn_linear.PackedLinear`: an opaque oneDNN tensor cannot be a recorded constant, and the copy
-is re-packed when the weight changes). The other weights are read where they are, so weights copied into the model in
-place (a model swap) serve the next click; a new model object needs new graphs.
+is re-packed when the weight changes) and every other weight the tracer met (:func:`compact`), read where it is: weights
+copied into the model in place (a model swap) serve the next click; a new model object needs new graphs.
 
 Memory: ``torch.jit.trace`` keeps every graph it makes for the life of the process (pytorch/pytorch#35600, #86537),
 and a graph of a click's ~1000 nodes holds several MB. So graphs are recorded with the tracer alone and each is
 compiled in a compilation unit of its own: it is freed with its :class:`RecordedGraph`, and at most ``max_graphs``
-tokens graphs are kept, the least recently used dropped first. Recording takes about 25-50 ms, on the click that first
-needs it; checking a graph on a new number of points costs one eager decoding.
+tokens graphs are kept, the least recently used dropped first. A kept tokens graph and its mask graph hold about 2 MB;
+the first recording of a process costs about 11 MB once (TorchScript's set-up, and the heap its garbage fragments),
+which is why the server has them off by default (``docs/benchmarks.md``). Recording takes about 25-50 ms, on the click
+that first needs it; checking a graph on a new number of points costs one eager decoding.
 """
 
 from __future__ import annotations
