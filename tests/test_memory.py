@@ -1,4 +1,5 @@
-"""The server's process gives an encode's freed activations back to the system (:mod:`lib.common.memory`)."""
+"""The server's process gives an encode's freed activations back to the system, and keeps the compiled kernels of its
+products' many shapes bounded (:mod:`lib.common.memory`)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,50 @@ def test_a_swap_maps_the_new_checkpoint_in_parts_of_a_few_megabytes(tmp_path: Pa
     assert torch.equal(target, source)
     assert COPY_CHUNK_BYTES <= 4 * 2**20
     assert peak[0] < 12, f"{peak[0]:.1f} MB of the 36 MB mapped in at once"
+
+
+KERNELS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from lib.common.memory import bound_onednn_kernel_caches, release_freed_memory
+    from lib.modeling.onednn_linear import PackedLinear
+
+    if sys.argv[1] == "bounded":
+        bound_onednn_kernel_caches()
+    torch.set_num_threads(1)
+    mlp = PackedLinear(256, 2048).eval().requires_grad_(False)  # a decoder MLP layer, as a click runs it
+
+    def resident_mb():
+        release_freed_memory()
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+    with torch.inference_mode():
+        mlp(torch.randn(1, 7, 256))
+        before = resident_mb()
+        for tokens in range(8, 88):  # one click after another, each with one point more
+            mlp(torch.randn(1, tokens, 256))
+        print(resident_mb() - before)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_the_kernels_compiled_for_each_number_of_prompt_tokens_stay_bounded():
+    """Each new number of points gives the decoder's products new shapes, and oneDNN compiles a kernel for each: by
+    default both its caches keep 1024 of them (about 0.4 MB each) for the process's life."""
+    from lib.modeling.onednn_linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN products")
+
+    def grown_mb(mode: str) -> float:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(
+            [sys.executable, "-c", KERNELS_SCRIPT, mode], capture_output=True, text=True, check=True, cwd=root
+        )
+        return float(out.stdout.split()[-1])
+
+    bounded, unbounded = grown_mb("bounded"), grown_mb("default")
+    assert bounded < 20, bounded
+    assert unbounded > 25, unbounded  # what the bound is for

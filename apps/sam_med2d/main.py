@@ -84,7 +84,7 @@ from apps.sam_med2d.monailabel_private import running_server_app, wrap_running_a
 from apps.sam_med2d.ohif_viewer import serve_viewer  # noqa: E402
 from apps.sam_med2d.retraining_scheduler import RetrainingScheduler, scheduler_from_conf  # noqa: E402
 from infers.sam_med2d import SamMed2DInfer  # noqa: E402
-from lib.common.memory import fix_mmap_threshold  # noqa: E402
+from lib.common.memory import bound_onednn_kernel_caches, fix_mmap_threshold  # noqa: E402
 from lib.common.settings import RequestError, SettingError, conf_flag  # noqa: E402
 from lib.guard.asgi_threads import ThreadedPaths  # noqa: E402
 from lib.guard.http import GuardPolicy, HttpGuard  # noqa: E402
@@ -313,8 +313,10 @@ class SamMed2DApp(MONAILabelApp):
             banner = "!" * 100
             logger.warning("\n%s\n%s\n%s", banner, self.weights_warning, banner)
         # The server's process only (not the training subprocess): an encode's freed activations go back to the
-        # system instead of staying resident (lib.common.memory.fix_mmap_threshold).
+        # system instead of staying resident (lib.common.memory.fix_mmap_threshold), and the compiled kernels of
+        # the clicks' many product shapes are bounded, before the warm-up runs the first product.
         fix_mmap_threshold()
+        bound_onednn_kernel_caches()
         self.segmenter.warm_up()
         mismatch = store.published_mismatch()
         if mismatch:
