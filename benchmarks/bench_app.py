@@ -16,7 +16,9 @@ click, the label file and JSON in a multipart answer):
   floor: the RSS of a Python process that only imports MONAI Label's server (``monailabel.app``: torch, MONAI, ITK,
   FastAPI ...), plus the bytes of the served weights. No app that serves these weights with this server can go below it.
   Its peak (sampled every 5 ms) from start to the last click, and during a model swap: a new version is published
-  into the server's store as a promoted run does, and the next click loads it.
+  into the server's store as a promoted run does, and the next click loads it. Then a long session: one annotator's
+  ``--session-clicks`` corrections on the picture, a point more each click (every number of points gives the
+  decoder's products new shapes), with its peak and how much the server grew.
 
 The served weights are seeded random ones given as a checkpoint file, so that the server treats them as trained:
 it scores the datastore's images for active learning once no click came for a second (``uncertainty_idle_seconds``
@@ -57,6 +59,7 @@ TARGETS = {
     "peak_scoring_above_floor_gb": 0.15,
     "peak_clicks_above_floor_gb": 0.15,
     "peak_swap_above_floor_gb": 0.15,
+    "peak_session_above_floor_gb": 0.15,
 }
 
 
@@ -236,6 +239,7 @@ def series(session, url, image, make_params, clicks: int) -> tuple[list[float], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clicks", type=int, default=40)
+    parser.add_argument("--session-clicks", type=int, default=60, help="the long session's clicks, a point more each")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "bench_app.json"))
     parser.add_argument(
@@ -329,8 +333,20 @@ def main() -> None:
         rows["swap_click"], swapped = click(session, url, "sam_med2d_points", "picture", {"foreground": [[256, 256]]})
         rows["swap_click_cpu"] = meter.seconds()
         assert swapped["model_version"] == version, swapped["model_version"]
+
+        peaks.phase("session")
+        before = process.memory_info().rss
+        spots = [[40 + (37 * k) % 430, 40 + (91 * k) % 430] for k in range(args.session_clicks)]
+
+        def correction(n: int) -> dict:  # click n carries n + 1 points, about half of them background
+            params = {"foreground": spots[: n // 2 + 1], "client_id": "session"}
+            return params | ({"background": spots[n // 2 + 1 : n + 1]} if n else {})
+
+        long_session, _ = series(session, url, "picture", correction, args.session_clicks)
+        rows["session_p50"] = percentile(long_session, 50)
+        rows["session_growth_gb"] = (process.memory_info().rss - before) / 1e9
         peak = peaks.stop()
-        for phase in ("scoring", "clicks", "swap"):
+        for phase in ("scoring", "clicks", "swap", "session"):
             rows[f"peak_{phase}_gb"], rows[f"peak_{phase}_anonymous_gb"] = (v / 1e9 for v in peak.get(phase, (0, 0)))
     finally:
         stop_server(url)
@@ -341,7 +357,7 @@ def main() -> None:
     rows["above_floor_gb"] = rows["rss_gb"] - rows["floor_gb"]
     rows["above_floor_anonymous_gb"] = rows["anonymous_gb"] - floor_anonymous - rows["weights_gb"]
     rows["above_floor_file_gb"] = rows["above_floor_gb"] - rows["above_floor_anonymous_gb"]
-    for phase in ("scoring", "clicks", "swap"):
+    for phase in ("scoring", "clicks", "swap", "session"):
         rows[f"peak_{phase}_above_floor_gb"] = rows[f"peak_{phase}_gb"] - rows["floor_gb"]
         anonymous = rows[f"peak_{phase}_anonymous_gb"] - floor_anonymous - rows["weights_gb"]
         rows[f"peak_{phase}_above_floor_anonymous_gb"] = anonymous
@@ -379,6 +395,9 @@ def main() -> None:
         "swap_click": ("first click after a new version is published (s)", 1),
         "peak_swap_above_floor_gb": ("peak RSS above the floor during that swap (GB)", 1),
         "peak_swap_above_floor_anonymous_gb": ("  of which anonymous memory (GB)", 1),
+        "session_p50": (f"a {args.session_clicks}-click session, a point more each: p50 (ms)", 1000),
+        "session_growth_gb": ("  the server's growth over it (GB)", 1),
+        "peak_session_above_floor_gb": ("peak RSS above the floor during that session (GB)", 1),
     }
     for key, (label, scale) in labels.items():
         target = TARGETS.get(key)

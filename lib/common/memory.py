@@ -30,7 +30,7 @@ def release_freed_memory(collect: bool = True) -> None:
 
 
 # Compiled oneDNN products kept, in each of its two caches (see bound_onednn_kernel_caches).
-ONEDNN_KERNEL_CACHE_ENTRIES = 32
+ONEDNN_KERNEL_CACHE_ENTRIES = 16
 
 
 def bound_onednn_kernel_caches(entries: int = ONEDNN_KERNEL_CACHE_ENTRIES) -> None:
@@ -39,9 +39,9 @@ def bound_onednn_kernel_caches(entries: int = ONEDNN_KERNEL_CACHE_ENTRIES) -> No
 
     Each new shape of a product compiles a kernel of about 0.4 MB that the caches keep for the process's life, and the
     decoder's prompt-token products change shape with every number of points (a request may carry 500): through
-    REST, one annotator's session of 60 clicks on an image, a point more each time, grew the server by 96-98 MB.
-    Bounded at 32, the same session grew it by 20-38 MB (ideep's cache is per thread), with first clicks as fast;
-    at 8, by 6 MB, with first clicks slower. Both libraries read the bound when they first run a product, so this
+    REST (``benchmarks/bench_app.py``'s long session: 60 clicks on an image, a point more each time), the server grew
+    by 96-98 MB with the defaults, 37-39 MB at 32, 15 MB at 16 and 7 MB at 8 (ideep's cache is per thread); its
+    first and warm clicks were no slower at 16. Both libraries read the bound when they first run a product, so this
     must come before that; a value set in the environment is kept.
     """
     for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
