@@ -22,7 +22,7 @@ overrides where from ``seed``          seed of the random weights served when th
 ``backend``       ``torch`` (default) or ``onnxruntime``: the per-click prompt encoder + mask decoder run by ONNX
                   Runtime (CPU; exported from the served weights when they load; same decoding rule and logits)
 ``decoder_graphs`` ``false`` (default) / ``true``: with the torch backend, each click's prompt encoder and decoder
-                  replay TorchScript graphs recorded per prompt kind (the same logits, 20-30% faster; about 20 MB
+                  replay TorchScript graphs recorded per prompt kind (the same logits, 20-30% faster; 11-16 MB
                   more resident memory: opt-in)
 ``encoder_precision`` ``fp32`` (default), ``int8`` (dynamic quantisation of the encoder's linear layers, CPU with VNNI)
                   or ``bf16`` (autocast): faster encoding, slightly different masks (``make bench`` prints both)

@@ -33,7 +33,7 @@ def onednn_available() -> bool:
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` runs in oneDNN: a product of at least :data:`ONEDNN_MIN_MULTIPLY_ADDS`, for inference
     (no gradients) on a CPU in fp32, not under autocast (the bf16 encoder) and not while exporting to ONNX, scripting
-    or compiling, where the published ``F.linear`` is kept. A plain ``torch.jit.trace`` (the server's decoder graphs,
+    or compiling, where the published ``F.linear`` is kept. The tracer (the server's decoder graphs,
     :mod:`lib.serving.decoder_graphs`) records the oneDNN product (:func:`onednn_product`)."""
     return (
         x.numel() * weight.shape[0] >= ONEDNN_MIN_MULTIPLY_ADDS

@@ -168,10 +168,9 @@ class DecoderGraphs:
         if prompt is None or prompt.shape[0] != 1 or not all(name in first_layer for name in FIRST_LAYER_NAMES):
             return None
         given = {"point_coords": point_coords, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
-        named = {"src": src, "image_pe": image_pe}
-        named.update((name, given[name]) for name in PROMPT_NAMES if given[name] is not None)
-        named.update((name, first_layer[name]) for name in FIRST_LAYER_NAMES)
         names = tuple(name for name in PROMPT_NAMES if given[name] is not None)
+        named = {"src": src, "image_pe": image_pe, **{n: given[n] for n in names}}
+        named.update((name, first_layer[name]) for name in FIRST_LAYER_NAMES)
         inputs, points = tuple(named.values()), 0 if point_coords is None else point_coords.shape[1]
         model = self.model
 

@@ -140,7 +140,7 @@ class InteractiveSegmenter:
         encoder_precision: ``fp32``, or the opt-in ``int8`` / ``bf16`` encoder of :mod:`lib.modeling.reduced_precision`.
         decoder_graphs: with the torch backend, replay each click's prompt encoder and decoder from graphs recorded
             per prompt kind (:class:`lib.serving.decoder_graphs.DecoderGraphs`: the eager logits bit for bit, 20-30%
-            faster per click, for about 20 MB more resident memory; opt-in).
+            faster per click, for 11-16 MB more resident memory through REST; opt-in).
     """
 
     def __init__(
