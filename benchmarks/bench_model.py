@@ -7,7 +7,10 @@ Both networks are ViT-B with adapters at 256, fp32, holding the same seeded rand
 the values): the published ``segment_anything`` package is imported from ``--published-code`` (a checkout of
 https://github.com/OpenGVLab/SAM-Med2D; default ``../shared/reference/sam_med2d_official``) at run time and given
 this library's state dict. Calls alternate between implementations and each row is a median, so that a busy machine
-slows all rows alike.
+slows all rows alike. Each click ratio is also printed for clicks in series (each implementation's clicks back to
+back): ours is the one that gains there (a click of ours that follows a published click took 0.4-0.9 ms longer than
+one that follows a click of ours, measured on a Zen 5 core; ``docs/benchmarks.md``), and a server's consecutive clicks
+are neither.
 
 Rows: the image encoder (seconds per image); a click (ms): prompt encoder + mask decoder with
 ``multimask_output=True`` and the best predicted IoU kept, which is what the server decodes per click, for one point,
@@ -93,6 +96,22 @@ def warm_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: glibc's largest dynamic value
         libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
+
+
+def series_medians(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict:
+    """Median seconds of each function called ``repeats`` times in a row (after one warm-up call), one function after
+    the other: each call follows a call of the same function, as consecutive clicks in a server do."""
+    times: dict[str, list[float]] = {}
+    for name, fn in fns.items():
+        fn()
+        times[name] = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict:
@@ -234,7 +253,7 @@ def main() -> None:
             "box": (None, box, None),
             "point+mask": ((point, label), None, previous),
         }
-        click_ms, click_diff = {}, {}
+        click_ms, series_ms, click_diff = {}, {}, {}
         for kind, (points, boxes, mask) in prompts.items():
             coords, labels = points if points is not None else (None, None)
 
@@ -264,6 +283,8 @@ def main() -> None:
                 clicks["ours onnxruntime"] = onnx_click
             medians = alternating_medians(clicks, args.clicks, sync)
             click_ms[kind] = {name: 1000 * s for name, s in medians.items()}
+            in_series = series_medians(clicks, args.clicks, sync)
+            series_ms[kind] = {name: 1000 * s for name, s in in_series.items()}
 
     header = f"{'implementation':<34}{'encoder s':>10}{'point ms':>10}{'box ms':>9}{'pt+mask ms':>12}"
     print(header)
@@ -273,15 +294,20 @@ def main() -> None:
         clicks = "".join(f"{click_ms[k][name]:>{w}.2f}" if name in click_ms[k] else f"{'-':>{w}}" for k, w in columns)
         encoder = f"{encoder_s[name]:>10.3f}" if name in encoder_s else f"{'-':>10}"
         print(f"{name:<34}{encoder}{clicks}")
+    for name in click_ms["point"]:
+        clicks = "".join(f"{series_ms[k][name]:>{w}.2f}" for k, w in columns)
+        print(f"{name + ', clicks in series':<44}{clicks}")
     base = "published code"
     for mine in click_ms["point"]:
         if mine == base:
             continue
         ratios = [click_ms[k][base] / click_ms[k][mine] for k in click_ms]
+        series = [series_ms[k][base] / series_ms[k][mine] for k in series_ms]
         encoder = f"encoder {encoder_s[base] / encoder_s[mine]:.2f}x, " if mine in encoder_s else ""
         print(
             f"speed-up of {mine} over the published code: {encoder}click "
-            f"(prompt encoder + mask decoder, multimask) {min(ratios):.2f}x to {max(ratios):.2f}x"
+            f"(prompt encoder + mask decoder, multimask) {min(ratios):.2f}x to {max(ratios):.2f}x; "
+            f"clicks in series {min(series):.2f}x to {max(series):.2f}x"
         )
     print("largest |difference| from the published code's output (encoder features; kept low-res logits per prompt):")
     for name in click_diff["point"]:

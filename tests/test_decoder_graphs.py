@@ -111,17 +111,24 @@ def test_one_graph_serves_a_growing_number_of_clicks_where_it_is_exact(model):
     """A tokens graph recorded with one point replays for more points (the tracer records the shape arithmetic) as
     long as the Python choices that depend on the number of tokens come out the same; where they do not (10 points:
     the cross-attention is no longer folded) the check against the eager decoder says so and another graph is
-    recorded. Every answer is the eager one."""
+    recorded. A number of points is checked when it comes a second time: a series of corrections, one point more
+    each, decodes eagerly and records nothing more. Every answer is the eager one."""
     graphs = DecoderGraphs(model)
     with torch.inference_mode():
         features = torch.randn(1, 256, 16, 16)
         traced, eager = entry_of(model, features, graphs), entry_of(model, features, None)
         previous = None
-        for points in (1, 2, 3, 9, 10, 11, 2):
-            inputs = (*prompts(1, points, False, points), previous)
-            got = decode_rows(model, traced, DECODING, *inputs)
-            assert_same(got, decode_rows(model, eager, DECODING, *inputs))
-            previous = got[0] if points > 1 else torch.randn(1, 1, 64, 64)
+        for series, counts in enumerate(((1, 2, 3, 9, 10, 11), (3, 9, 10, 11, 2))):
+            for points in counts:
+                inputs = (*prompts(1, points, False, points + series), previous)
+                got = decode_rows(model, traced, DECODING, *inputs)
+                assert_same(got, decode_rows(model, eager, DECODING, *inputs))
+                previous = got[0] if points > 1 else torch.randn(1, 1, 64, 64)
+            if series == 0:  # each number of points met once: the graphs of the two kinds' first clicks, unchecked
+                assert [{**g.exact_for} for graphs_ in graphs._tokens.values() for g in graphs_] == [
+                    {1: True},
+                    {2: True},
+                ]
     first, *others = graphs._tokens.values()
     assert len(first) == 1 and first[0].exact_for == {1: True}  # the clicks without a previous mask
     ((recorded_with_two, recorded_with_ten),) = others  # with it: 2-9 points on one graph, 10-11 on another

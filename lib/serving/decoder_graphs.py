@@ -13,10 +13,13 @@ Two graphs serve a click, because the kept output is chosen by the predicted IoU
   first-layer terms, the sparse prompt embedding, the transformer and the IoU head). A kind fixes which prompts are
   given (points, a box, a previous mask) and the shapes of everything but the number of points: the tracer records
   the shape arithmetic, so one graph serves a growing number of clicks, where the Python choices that depend on it
-  (:meth:`Attention.folds`, the oneDNN size threshold) come out the same. Whether they do is not assumed: the first
-  time a graph meets a number of points it was not recorded with, the eager decoder runs too and the graph serves
-  that number only if it gave the eager result bit for bit (a click of 10 points on a graph recorded with 1 does not:
-  the attention is not folded there), otherwise a graph is recorded for it;
+  (:meth:`Attention.folds`, the oneDNN size threshold) come out the same. Whether they do is not assumed: a number
+  of points the kind's graphs have not met decodes eagerly, and when it comes again the eager decoder runs with the
+  graphs, and a graph serves that number only if it gave the eager result bit for bit (a click of 10 points on a
+  graph recorded with 1 does not: the attention is not folded there), otherwise a graph is recorded for it. Checking
+  only numbers seen before keeps a series of corrections, one point more each, at the eager decoder's cost: checking
+  each on first sight cost an eager decoding and a replay per click (p50 28 against 16 ms through REST over 60 such
+  clicks, and 43 MB of growth);
 * the *mask* graph of the kept output, :meth:`MaskDecoder.masks` for that output (one per output).
 
 What the graphs read: the per-image terms and the prompts are inputs, and so are the decoder MLPs' packed weights
@@ -150,6 +153,8 @@ class DecoderGraphs:
         self._tokens: collections.OrderedDict[Layout, list[RecordedGraph]] = collections.OrderedDict()
         self._masks: dict[Layout, RecordedGraph | None] = {}
         self._failed: set[tuple[Layout, int]] = set()
+        # Numbers of points met by each kind that has graphs: the second meeting checks the graphs on it.
+        self._met: dict[Layout, set[int]] = {}
         self._lock = threading.Lock()
 
     def decode_tokens(
@@ -189,6 +194,8 @@ class DecoderGraphs:
         graph, unchecked = self._tokens_graph(key, points)
         if graph is not None:
             return as_decoded(graph(*inputs, *packed))
+        if unchecked and self._first_meeting(key, points):
+            return None
         eager = None
         if unchecked:
             # A number of points these graphs were not recorded with: one serves it if it gives the eager result
@@ -240,6 +247,14 @@ class DecoderGraphs:
             exact = next((graph for graph in graphs if graph.exact_for.get(points)), None)
             return exact, [graph for graph in graphs if points not in graph.exact_for]
 
+    def _first_meeting(self, key: Layout, points: int) -> bool:
+        """Whether ``key``'s graphs meet ``points`` points for the first time (noting that they have)."""
+        with self._lock:
+            met = self._met.setdefault(key, set())
+            first = points not in met
+            met.add(points)
+            return first
+
     def _record_tokens(
         self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
     ) -> RecordedGraph | None:
@@ -259,6 +274,7 @@ class DecoderGraphs:
                 self._tokens[oldest].pop(0)
                 if not self._tokens[oldest]:
                     del self._tokens[oldest]
+                    self._met.pop(oldest, None)
         return graph
 
     def _record(
