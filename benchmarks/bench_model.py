@@ -98,19 +98,22 @@ def warm_allocator() -> None:
         libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
 
 
-def series_medians(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict:
-    """Median seconds of each function called ``repeats`` times in a row (after one warm-up call), one function after
-    the other: each call follows a call of the same function, as consecutive clicks in a server do."""
-    times: dict[str, list[float]] = {}
-    for name, fn in fns.items():
-        fn()
-        times[name] = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
+def series_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None], block: int = 8
+) -> dict:
+    """Median seconds of each function over ``repeats`` calls that each follow a call of the same function, as
+    consecutive clicks in a server do: blocks of ``block`` + 1 calls of one function, the first untimed, blocks
+    alternating between functions so that a busy spell of the machine slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while min(map(len, times.values())) < repeats:
+        for name, fn in fns.items():
             fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
