@@ -156,8 +156,8 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
         if src.shape[0] != batch:
             src = src.expand(batch, -1, -1, -1)
-        pos_src = image_pe.expand(batch, -1, -1, -1)
-        hs, image_tokens = self.transformer(src, pos_src, tokens, first_layer_terms, outputs=1 + self.num_mask_tokens)
+        # The positional encoding is the same for every row: the transformer's sums broadcast it.
+        hs, image_tokens = self.transformer(src, image_pe, tokens, first_layer_terms, outputs=1 + self.num_mask_tokens)
         return DecodedTokens(
             mask_tokens=hs[:, 1 : 1 + self.num_mask_tokens, :],
             image_tokens=image_tokens,

@@ -59,8 +59,9 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Projected heads (see :meth:`heads`) -> ``(B, Nq, C)``; a batch of 1 (prompt-independent terms computed
         once per image) is shared by the B prompt rows."""
-        batch = max(q.shape[0], k.shape[0])
-        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
+        if q.shape[0] != k.shape[0]:
+            batch = max(q.shape[0], k.shape[0])
+            q, k, v = q.expand(batch, -1, -1, -1), k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         weights = torch.softmax(logits, dim=2).view(b, heads * n, -1)  # (B, H n, N)
         out_weight = self.out_proj.weight.view(self.out_proj.out_features, heads, -1).permute(1, 2, 0)
         values_out = (self.heads(self.v_proj, v) @ out_weight).view(b, heads * n, -1)  # (B, H n, C)
-        return torch.baddbmm(self.out_proj.bias.expand(b, 1, -1), weights.transpose(1, 2), values_out)
+        return torch.baddbmm(self.out_proj.bias, weights.transpose(1, 2), values_out)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -187,7 +188,7 @@ class TwoWayAttentionBlock(nn.Module):
 class TwoWayTransformer(nn.Module):
     """Decoder transformer.
 
-    ``image_embedding``, ``image_pe``: ``(B, C, h, w)``; ``point_embedding``: ``(B, N, C)``.
+    ``image_embedding``: ``(B, C, h, w)``; ``image_pe``: ``(B or 1, C, h, w)``; ``point_embedding``: ``(B, N, C)``.
     Returns the processed tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)``.
     """
 
