@@ -98,6 +98,15 @@ def warm_allocator() -> None:
         libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
 
 
+def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Seconds of one call of ``fn``, the device synchronised before and after."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def series_medians(
     fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None], block: int = 8
 ) -> dict:
@@ -108,12 +117,7 @@ def series_medians(
     while min(map(len, times.values())) < repeats:
         for name, fn in fns.items():
             fn()
-            for _ in range(block):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
+            times[name].extend(timed(fn, sync) for _ in range(block))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -124,11 +128,7 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, sync
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn, sync))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

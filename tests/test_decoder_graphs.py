@@ -125,10 +125,7 @@ def test_one_graph_serves_a_growing_number_of_clicks_where_it_is_exact(model):
                 assert_same(got, decode_rows(model, eager, DECODING, *inputs))
                 previous = got[0] if points > 1 else torch.randn(1, 1, 64, 64)
             if series == 0:  # each number of points met once: the graphs of the two kinds' first clicks, unchecked
-                assert [{**g.exact_for} for graphs_ in graphs._tokens.values() for g in graphs_] == [
-                    {1: True},
-                    {2: True},
-                ]
+                assert [g.exact_for for kind in graphs._tokens.values() for g in kind] == [{1: True}, {2: True}]
     first, *others = graphs._tokens.values()
     assert len(first) == 1 and first[0].exact_for == {1: True}  # the clicks without a previous mask
     ((recorded_with_two, recorded_with_ten),) = others  # with it: 2-9 points on one graph, 10-11 on another
