@@ -90,8 +90,11 @@ KERNELS_SCRIPT = textwrap.dedent(
     import sys
     import torch
     from lib.common.memory import bound_onednn_kernel_caches, release_freed_memory
+    from lib.modeling import onednn_linear
     from lib.modeling.onednn_linear import PackedLinear
 
+    # A click's products in oneDNN, as on AMD processors (on Intel ones MKL runs them and compiles nothing).
+    onednn_linear.ONEDNN_MIN_MULTIPLY_ADDS = onednn_linear.min_multiply_adds_for("AuthenticAMD")
     if sys.argv[1] == "bounded":
         bound_onednn_kernel_caches()
     torch.set_num_threads(1)

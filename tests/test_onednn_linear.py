@@ -7,9 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.modeling.onednn_linear import ONEDNN_MIN_MULTIPLY_ADDS, OneDnnLinear, linear, onednn_available
+from lib.modeling import onednn_linear
+from lib.modeling.onednn_linear import OneDnnLinear, linear, min_multiply_adds_for, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+@pytest.fixture
+def amd_rule(monkeypatch):
+    """The products from 2M multiply-adds in oneDNN, as on AMD processors, whatever this machine's vendor."""
+    monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", min_multiply_adds_for("AuthenticAMD"))
 
 
 def ran_onednn(fn) -> bool:
@@ -18,7 +25,7 @@ def ran_onednn(fn) -> bool:
     return any(event.name == "mkldnn::_linear_pointwise" for event in prof.events())
 
 
-def test_inference_products_run_in_onednn_and_equal_the_published_ones():
+def test_inference_products_run_in_onednn_and_equal_the_published_ones(amd_rule):
     """Inputs and weights of any strides (a transposed input, a batch expanded from one row, a weight stored
     input-major as the decoder stores its own): the same values as ``F.linear``, computed by oneDNN."""
     torch.manual_seed(0)
@@ -36,6 +43,21 @@ def test_inference_products_run_in_onednn_and_equal_the_published_ones():
             torch.testing.assert_close(linear(x, input_major), F.linear(x, input_major), atol=1e-4, rtol=1e-5)
 
 
+def test_each_cpu_runs_a_click_s_products_where_they_are_faster_and_the_encoder_s_in_onednn(monkeypatch):
+    """Where MKL runs AVX2 code (AMD) oneDNN takes a click's MLP and up-scaling products; where MKL runs AVX-512
+    (Intel) it keeps every product of a click. The encoder's products run in oneDNN on both."""
+    torch.manual_seed(0)
+    click_products = {"MLP, 7 prompt tokens": (7, 256, 2048), "up-scaling, 256 image tokens": (256, 256, 256)}
+    encoder_products = {"attention output, 256 image tokens": (256, 768, 768)}
+    for vendor, click_in_onednn in (("AuthenticAMD", True), ("GenuineIntel", False)):
+        monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", min_multiply_adds_for(vendor))
+        with torch.inference_mode():
+            for products, in_onednn in ((click_products, click_in_onednn), (encoder_products, True)):
+                for name, (rows, features_in, features_out) in products.items():
+                    layer, x = OneDnnLinear(features_in, features_out), torch.randn(rows, features_in)
+                    assert ran_onednn(lambda layer=layer, x=x: layer(x)) == in_onednn, (vendor, name)
+
+
 def test_training_autocast_and_small_products_keep_the_published_computation():
     torch.manual_seed(0)
     layer = OneDnnLinear(256, 512)
@@ -51,12 +73,12 @@ def test_training_autocast_and_small_products_keep_the_published_computation():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert layer(x).dtype == torch.bfloat16
         # A product below the threshold stays in MKL, which is faster there.
-        few = torch.randn(ONEDNN_MIN_MULTIPLY_ADDS // (256 * 512) - 1, 256)
+        few = torch.randn(onednn_linear.ONEDNN_MIN_MULTIPLY_ADDS // (256 * 512) - 1, 256)
         assert not ran_onednn(lambda: layer(few))
         assert torch.equal(layer(few), plain(few))
 
 
-def test_a_trace_records_the_onednn_product_and_onnx_export_keeps_the_published_one(tmp_path):
+def test_a_trace_records_the_onednn_product_and_onnx_export_keeps_the_published_one(tmp_path, amd_rule):
     """The server's decoder graphs are traces (lib.serving.decoder_graphs): they must replay the oneDNN product; an
     ONNX export must hold the standard operator that ONNX Runtime runs."""
     torch.manual_seed(0)

@@ -2,8 +2,9 @@
 
 PyTorch's CPU builds multiply ``nn.Linear`` through MKL, which runs AVX2 code on AMD processors: on a Zen 5 core
 (AVX-512 at full width) its products reach 80-90 GF/s, where oneDNN's, on the same weights, reach 180-200 GF/s (one
-thread; 350-400 against 135-165 at two). On Intel processors both run AVX-512 and are about equal. The sums are the
-same in another order (within a few 1e-7 of the largest output, as between thread counts).
+thread; 350-400 against 135-165 at two). On Intel processors MKL runs AVX-512 too, and only the encoder's large
+products gain from oneDNN (:func:`min_multiply_adds_for`). The sums are the same in another order (within a few 1e-7
+of the largest output, as between thread counts).
 """
 
 from __future__ import annotations
@@ -15,9 +16,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# oneDNN's call costs about 15 us more than MKL's (one Zen 5 core): below about 2M multiply-adds (a click's 7 prompt
-# tokens by a 256x256 weight: 0.46M) MKL's product is the faster one, or as fast.
-ONEDNN_MIN_MULTIPLY_ADDS = 2**21
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as the processor reports it (``GenuineIntel``, ``AuthenticAMD``; empty where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def min_multiply_adds_for(vendor: str) -> int:
+    """The smallest product (multiply-adds) worth running in oneDNN on a CPU of ``vendor``.
+
+    oneDNN's call costs about 15 us more than MKL's. Where MKL runs AVX2 code (AMD), oneDNN wins from about 2M
+    multiply-adds (a click's 7 prompt tokens by a 256x256 weight: 0.46M; its MLPs 3.7M). Where MKL runs its AVX-512
+    kernels (Intel), a click's products are faster in MKL, the largest (its up-scaling, 17M) included: on a 2-core
+    Xeon with AMX, a point click took 2.31-2.41 ms with every decoder product in MKL against 2.61-2.66 ms with the
+    AMD rule, while the encoder's products (150M and more) stay faster in oneDNN (0.255 against 0.299 s an image).
+    """
+    return 2**26 if vendor == "GenuineIntel" else 2**21
+
+
+# Products from this size up run in oneDNN on this machine (see min_multiply_adds_for).
+ONEDNN_MIN_MULTIPLY_ADDS = min_multiply_adds_for(cpu_vendor())
 
 # Rows oneDNN is told to expect when it packs. The packed layout serves every row count; this one suits a few prompt
 # tokens to a few hundred rows (a batch of prompts) alike.
@@ -31,7 +56,7 @@ def onednn_available() -> bool:
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` runs in oneDNN: a product of at least :data:`ONEDNN_MIN_MULTIPLY_ADDS`, for inference
+    """Whether ``x @ weight.T`` runs in oneDNN: a product of at least ``ONEDNN_MIN_MULTIPLY_ADDS``, for inference
     (no gradients) on a CPU in fp32, not under autocast (the bf16 encoder) and not while exporting to ONNX, scripting
     or compiling, where the published ``F.linear`` is kept. The tracer (the server's decoder graphs,
     :mod:`lib.serving.decoder_graphs`) records the oneDNN product (:func:`onednn_product`)."""
@@ -100,7 +125,8 @@ class PackedLinear(OneDnnLinear):
     inference call and again after the weight may have changed: when its version counter moved (``load_state_dict``,
     a model swap in place, most optimizer steps), and after any forward with gradients on or a ``train()`` /
     ``eval()`` call, because a fused optimizer step (``Adam(fused=True)``, the recipe's) changes the weight without
-    moving the counter. It costs ``4 * in * out`` bytes and is never saved or copied.
+    moving the counter. It costs ``4 * in * out`` bytes and is never saved or copied; where MKL runs these products
+    (Intel processors, :func:`min_multiply_adds_for`) it is never made.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
