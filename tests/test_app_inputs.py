@@ -272,3 +272,53 @@ def test_gzip_nifti_reads_as_nibabel_does_holding_the_volume_once(tmp_path: Path
     truncated.write_bytes(gzip.compress(data[: len(data) // 2]))
     with pytest.raises(ImageReadError, match="truncated.nii.gz is not a readable volume: .*ends after"):
         read_image(str(truncated))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.dtype(">f4")])
+def test_scoring_reads_a_volume_s_middle_slice_a_slice_at_a_time(tmp_path: Path, dtype) -> None:
+    """Start-up scoring scores a volume's middle slice in the whole volume's window: the view a click on that slice
+    gets, read without holding the volume (two slices allocated); NaN voxels are left out of the window as
+    :func:`read_image` leaves them."""
+    import tracemalloc
+
+    import nibabel as nib
+
+    from lib.io.image_source import read_scored_view
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(-1000, 3000, size=(160, 128, 64)).astype(dtype)
+    if volume.dtype.kind == "f":
+        volume[0, 0, :8] = np.nan
+    path = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 2.5, 1.0])), path)
+    whole = read_image(str(path))
+    tracemalloc.start()
+    view, content = read_scored_view(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(view, whole.view(32))
+    assert content == whole.content
+    plane = 160 * 128 * volume.dtype.itemsize
+    assert peak < 2 * plane + view.nbytes + 4 * 160 * 128 + 2**20, (peak, volume.nbytes)
+
+
+def test_a_kept_volume_is_mapped_from_an_unnamed_file_and_serves_the_same_views(tmp_path: Path) -> None:
+    """The server keeps a volume for further clicks in a temporary file, mapped read-only: the same views, and no file
+    left behind; a 2D image stays as it is."""
+    import nibabel as nib
+
+    from lib.io.image_source import ImageSource, mapped_from_disk
+
+    volume = np.random.default_rng(0).integers(-1000, 3000, size=(512, 256, 32)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
+    source = read_image(str(tmp_path / "v.nii.gz"))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    kept = mapped_from_disk(source, str(spill))
+    assert isinstance(kept.pixels, np.memmap) and not kept.pixels.flags.writeable
+    assert list(spill.iterdir()) == []  # unlinked from its creation
+    assert kept.value_range == source.value_range and kept.nbytes == source.nbytes
+    for k in (0, 17, 31):
+        np.testing.assert_array_equal(kept.view(k), source.view(k))
+    picture = ImageSource("picture.png", "1:1", np.zeros((8, 8), dtype=np.uint8), is_volume=False)
+    assert mapped_from_disk(picture) is picture

@@ -30,7 +30,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.common.memory import release_freed_memory
 from lib.common.settings import conf_flag, dataclass_from_conf
-from lib.io.image_source import ImageReadError, fingerprint, read_image
+from lib.io.image_source import ImageReadError, fingerprint, read_scored_view
 from lib.loop.uncertainty import UncertaintyConfig, UncertaintyScorer, UncertaintyScores
 from lib.modeling import SamMed2D
 from lib.serving.decoding import ServedDecoding
@@ -149,15 +149,14 @@ class SamUncertaintyScoring(ScoringMethod):
                 break
             path = datastore.get_image_uri(image_id)
             try:
-                source = read_image(path)
-                view = source.view(source.num_slices // 2 if source.is_volume else None)
+                view, content = read_scored_view(path)
                 with model_for_one_image() as model, torch_threads(threads):
                     result = UncertaintyScorer(model, self.config, self.decoding).score(view)
                 data["scores"][image_id] = {
                     **result.to_dict(),
                     "model_version": version,
                     "model_key": version_key,
-                    "content": source.content,
+                    "content": content,
                     "ts": int(time.time()),
                 }
             except ImageReadError as exc:

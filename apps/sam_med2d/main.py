@@ -16,8 +16,9 @@ Conf keys (all optional):
 :class:`lib.serving.decoding.ServedDecoding`) ``download``      ``true`` (default) / ``false``; ``download_url``
 overrides where from ``seed``          seed of the random weights served when there is no checkpoint (default 0)
 ``cache_mb``      embedding cache size (default 256; about 330 image views of ViT-B)
-``image_memory_mb`` loaded images kept in memory for further clicks, at most this many MB of pixels (default 1024;
-                  the image being clicked is always kept)
+``image_memory_mb`` loaded images kept for further clicks, at most this many MB of pixels (default 1024; the image
+                  being clicked is always kept; volumes are kept in unnamed files of the server's temporary folder,
+                  mapped, so they take page cache rather than the server's own memory)
 ``decode_threads`` intra-op threads of the per-click decoder (default 1; 0: torch's default)
 ``backend``       ``torch`` (default) or ``onnxruntime``: the per-click prompt encoder + mask decoder run by ONNX
                   Runtime (CPU; exported from the served weights when they load; same decoding rule and logits)

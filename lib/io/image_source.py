@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -127,6 +128,27 @@ class ImageSource:
         return np.ascontiguousarray(plane)
 
 
+def mapped_from_disk(source: ImageSource, directory: str | None = None) -> ImageSource:
+    """``source`` with a volume's pixels moved to an unnamed temporary file (in ``directory``, default ``tempfile``'s)
+    and mapped back read-only; a 2D image as it is.
+
+    A server keeps the volumes being annotated for further clicks (decoding a 512x512x64 ``.nii.gz`` again takes
+    about 0.3 s): in memory that is 32 MB of its resident memory each, mapped it is the page cache's, which the kernel
+    reclaims when it needs to, and a click reads the one slice it shows (slices are contiguous: the pixels are kept
+    in the NIfTI file's column-major order). The file is unlinked from its creation: nothing is left on disk when the
+    mapping closes or the process dies. On a ``/tmp`` in memory (tmpfs) the pages stay in memory, outside the
+    process's resident memory; set ``TMPDIR`` to a disk folder there.
+    """
+    if not source.is_volume:
+        return source
+    pixels = np.asfortranarray(source.pixels)  # a view of a NIfTI volume's array; a copy of other readers'
+    with tempfile.TemporaryFile(dir=directory) as file:
+        pixels.T.tofile(file)  # the column-major bytes, written from the array's own buffer
+        file.flush()
+        mapped = np.memmap(file, dtype=pixels.dtype, mode="r", shape=pixels.shape, order="F")
+    return dataclasses.replace(source, pixels=mapped)
+
+
 def picture_affine(spacing_xy: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """The RAS affine ITK (and so Slicer) gives a 2D picture: identity LPS directions at the origin, its pixel size."""
     from lib.io.volume_io import LPS_TO_RAS
@@ -174,6 +196,35 @@ def read_image(path: str | Path, limits: Limits | None = None) -> ImageSource:
         f"image {path.name}: unsupported file type {suffix or '(none)'}; use PNG/JPG, single-frame DICOM, "
         "NIfTI, NRRD or a DICOM series folder"
     )
+
+
+def read_scored_view(path: str | Path, limits: Limits | None = None) -> tuple[np.ndarray, str]:
+    """What uncertainty scoring scores of an image, and its :func:`fingerprint`: the view (:meth:`ImageSource.view`)
+    of a 2D image, or of a volume's middle slice in the whole volume's default window.
+
+    A gzip-compressed NIfTI volume is read a slice at a time and never held whole
+    (:func:`lib.io.volume_io.read_nifti_slice`): the server scores every unlabeled image while it serves clicks.
+
+    Raises:
+        ImageReadError: as :func:`read_image`.
+    """
+    from lib.io.volume_io import read_nifti_slice
+
+    path = Path(path)
+    if path.is_file() and suffix_of(path) == ".nii.gz":
+        content = fingerprint(path)
+        check_header(path, limits or Limits())
+        try:
+            streamed = read_nifti_slice(path)
+        except Exception as exc:  # nibabel and gzip raise many types for unreadable input
+            raise ImageReadError(f"image {path.name} is not a readable volume: {exc}") from exc
+        if streamed is not None:
+            plane, low, high = streamed
+            if math.isnan(low):
+                raise ImageReadError("image has no finite pixel value (all NaN or infinite): nothing to segment")
+            return ImageSource(str(path), content, plane[:, :, None], True, value_range=(low, high)).view(0), content
+    source = read_image(path, limits)
+    return source.view(source.num_slices // 2 if source.is_volume else None), source.content
 
 
 def check_header(path: str | Path, limits: Limits) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -66,6 +67,45 @@ def read_gzip_nifti_data(
                 raise ValueError(f"{Path(path).name}: the data ends after {filled} of {len(buffer)} bytes")
             filled += read
     return np.ndarray(shape, dtype=dtype, buffer=buffer, order=order)
+
+
+def read_nifti_slice(path: str | Path, slice_index: int | None = None) -> tuple[np.ndarray, float, float] | None:
+    """Slice ``k`` ``(I, J)`` of a 3D gzip-compressed NIfTI volume stored as it is served (no scaling, column-major)
+    and the finite min..max of the whole volume (``nan`` both when no value is finite), decompressed one slice at a
+    time: what start-up scoring needs of a volume, with two slices in memory instead of the whole array and
+    decompression buffers (a 512x512x64 int16 CT: 1 MB instead of 32 MB). ``None`` for any other file: read it whole.
+
+    ``slice_index``: default the middle slice.
+    """
+    import nibabel as nib
+
+    if not str(path).endswith(".gz"):
+        return None
+    proxy = nib.load(str(path)).dataobj
+    shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
+    unscaled = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
+    if len(shape) != 3 or proxy.order != "F" or not unscaled or dtype.kind not in "iuf":
+        return None
+    keep = shape[2] // 2 if slice_index is None else slice_index
+    plane = np.empty(shape[:2], dtype=dtype, order="F")
+    plane_bytes = memoryview(plane.T.reshape(-1).view(np.uint8))
+    kept = np.empty_like(plane)
+    low, high = math.inf, -math.inf
+    with gzip.open(path, "rb") as stream:
+        stream.seek(proxy.offset)
+        for k in range(shape[2]):
+            filled = 0
+            while filled < len(plane_bytes):
+                read = stream.readinto(plane_bytes[filled:])
+                if not read:
+                    raise ValueError(f"{Path(path).name}: the data ends in slice {k} of {shape[2]}")
+                filled += read
+            values = plane[np.isfinite(plane)] if dtype.kind == "f" else plane
+            if values.size:
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
+            if k == keep:
+                kept[...] = plane
+    return (kept, low, high) if low <= high else (kept, math.nan, math.nan)
 
 
 def read_nrrd(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import torch
 from lib.common.lru import LruCache
 from lib.common.memory import release_freed_memory
 from lib.guard.limits import Limits
-from lib.io.image_source import ImageSource, fingerprint, read_image
+from lib.io.image_source import ImageSource, fingerprint, mapped_from_disk, read_image
 from lib.modeling import SamMed2D
 from lib.modeling.reduced_precision import PRECISIONS, cpu_has_native, set_encoder_precision
 from lib.serving.decoder_graphs import DecoderGraphs
@@ -119,9 +119,10 @@ class InteractiveSegmenter:
         decoding: how prompts become masks (:class:`lib.serving.decoding.ServedDecoding`: preprocessing policy,
             multimask default, mask prompt form, threshold), the same rule the trainer validates with.
         cache_bytes: bound of the embedding cache.
-        max_sources: loaded images kept in memory (volumes are the large ones).
+        max_sources: loaded images kept for further clicks (volumes are the large ones: they are kept in unnamed
+            temporary files, mapped, :func:`lib.io.image_source.mapped_from_disk`).
         max_source_bytes: bound of the loaded images' pixels (the image being clicked is kept even when larger):
-            a 512x512x600 CT is 315 MB, so a count alone does not bound memory.
+            a 512x512x600 CT is 315 MB, so a count alone does not bound the memory and the disk they take.
         max_states: remembered previous masks (client, image, view, label).
         max_volume_labels: remembered propagated labels (client, image, window, label), also bounded by
             ``max_volume_bytes`` (bit-packed: a 512x512x300 label is 10 MB).
@@ -331,7 +332,7 @@ class InteractiveSegmenter:
         cached = self._sources.get(path)
         if cached is not None and cached.content == content:
             return cached, True
-        source = read_image(path, self.limits)
+        source = mapped_from_disk(read_image(path, self.limits))
         self._sources.put(path, source)
         return source, False
 
