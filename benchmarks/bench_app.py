@@ -387,7 +387,7 @@ def main() -> None:
         "floor_gb": ("floor: MONAI Label server + weights (GB)", 1),
         "above_floor_gb": ("server RSS above that floor (GB)", 1),
         "above_floor_anonymous_gb": ("  of which anonymous memory (GB)", 1),
-        "above_floor_file_gb": ("  of which file-backed: library code run (GB)", 1),
+        "above_floor_file_gb": ("  of which file-backed: library code, mapped volume (GB)", 1),
         "peak_scoring_above_floor_gb": ("peak RSS above the floor, start-up scoring (GB)", 1),
         "peak_scoring_above_floor_anonymous_gb": ("  of which anonymous memory (GB)", 1),
         "peak_clicks_above_floor_gb": ("peak RSS above the floor during the clicks (GB)", 1),

@@ -134,7 +134,8 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(embedding_dim)
         self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
-        # The prompt tokens' MLP reads the decoder's largest weights for a few rows: packed (PackedLinear).
+        # The prompt tokens' MLP reads the decoder's largest weights for a few rows: packed where oneDNN runs it
+        # (PackedLinear).
         self.mlp = MLPBlock(embedding_dim, mlp_dim, activation, linear=PackedLinear)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
