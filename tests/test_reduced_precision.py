@@ -48,3 +48,19 @@ def test_int8_quantises_every_linear_layer_of_the_encoder(golden_dir, golden_con
     layers = [type(m) for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert not layers, layers
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.image_encoder.modules())
+
+
+def test_the_bf16_encoder_holds_its_weights_as_autocast_casts_them(golden_dir, golden_config):
+    """The bf16 encoder keeps its products' weights in bf16, cast once (half their memory, no cast per encode), and
+    encodes exactly as bf16 autocast of the fp32 encoder does."""
+    model = load_model(golden_dir / "weights.pth", golden_config)
+    size = model.config.image_size
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.image_encoder(image).float()
+    set_encoder_precision(model, "bf16")
+    with torch.inference_mode():
+        got = model.image_encoder(image)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    linear_weights = [m.weight for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear_weights and all(w.dtype == torch.bfloat16 for w in linear_weights)

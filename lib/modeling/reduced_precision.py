@@ -62,5 +62,13 @@ def set_encoder_precision(model: SamMed2D, precision: str) -> SamMed2D:
             warnings.simplefilter("ignore")
             torch.ao.quantization.quantize_dynamic(model.image_encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
     elif precision == "bf16":
+        for module in model.image_encoder.modules():
+            # Autocast casts these to bf16 at every call (F.linear its weight and bias; the convolutions, run as
+            # products, their weight): cast once, the same values, without re-reading the fp32 weights per encode
+            # and in half their memory. A convolution's bias is added outside autocast's products: it stays fp32.
+            if isinstance(module, nn.Linear):
+                module.to(torch.bfloat16)
+            elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                module.weight.data = module.weight.data.to(torch.bfloat16)
         model.image_encoder = AutocastEncoder(model.image_encoder)
     return model
