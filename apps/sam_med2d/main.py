@@ -26,7 +26,8 @@ overrides where from ``seed``          seed of the random weights served when th
                   replay TorchScript graphs recorded per prompt kind (the same logits, 20-30% faster; 11-16 MB
                   more resident memory: opt-in)
 ``encoder_precision`` ``fp32`` (default), ``int8`` (dynamic quantisation of the encoder's linear layers, CPU with VNNI)
-                  or ``bf16`` (autocast): faster encoding, slightly different masks (``make bench`` prints both)
+                  or ``bf16`` (the encoder's product weights held in bf16, autocast): faster encoding, slightly
+                  different masks (``make bench`` prints both)
 ``encode_threads`` intra-op threads of the image encoder (default 0: torch's default, all cores; on a machine
                   shared with training or other services, fewer threads avoid OpenMP threads spinning against them)
 ``train_checkpoint`` weights the ``sam_med2d`` training task starts from (default: the served model); training

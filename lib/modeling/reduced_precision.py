@@ -2,9 +2,10 @@
 
 The encoder is the server's one large cost (a new image or slice); its linear layers hold nearly all its weights and
 time. ``int8`` quantises their weights once and their inputs per call (dynamic quantisation; fast on CPUs with VNNI
-integer dot products); ``bf16`` runs the encoder under bf16 autocast (fast where the CPU has AVX512-BF16 or AMX, or
-on a GPU). Both change the embedding slightly, so they are off unless asked for; ``bench_model`` prints their speed
-and their Dice change against fp32. The decoder stays fp32.
+integer dot products); ``bf16`` holds the weights of the encoder's products in bf16 and runs it under bf16 autocast
+(fast where the CPU has AVX512-BF16 or AMX, or on a GPU; half the memory of those weights). Both change the
+embedding slightly, so they are off unless asked for; ``bench_model`` prints their speed and their Dice change
+against fp32. The decoder stays fp32.
 """
 
 from __future__ import annotations
