@@ -64,3 +64,25 @@ def test_the_bf16_encoder_holds_its_weights_as_autocast_casts_them(golden_dir, g
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     linear_weights = [m.weight for m in model.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert linear_weights and all(w.dtype == torch.bfloat16 for w in linear_weights)
+
+
+def test_a_served_bf16_model_takes_a_new_version_in_place(golden_dir, golden_config, tmp_path):
+    """A published version reaches a served bf16 model in place, without a second model beside it: its weights become
+    the new version's rounded to bf16, and it encodes exactly as a bf16 model built from that version."""
+    from lib.modeling.build import build_model
+
+    store = ModelStore(tmp_path / "model", golden_config, base_checkpoint=golden_dir / "weights.pth")
+    segmenter = InteractiveSegmenter(store, encoder_precision="bf16")
+    served, _ = segmenter.model()
+    torch.manual_seed(1)
+    store.publish(build_model(golden_config).state_dict(), {"val_dice": 0.5})
+    model, _ = segmenter.model()
+    assert model is served
+    fresh = set_encoder_precision(store.load("cpu").eval(), "bf16")
+    state, expected = model.state_dict(), fresh.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(state[k].dtype == expected[k].dtype and torch.equal(state[k], expected[k]) for k in state)
+    size = model.config.image_size
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(model.encode(image), fresh.encode(image))

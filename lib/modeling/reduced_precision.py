@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lib.modeling import SamMed2D
+from lib.modeling.image_encoder import ImageEncoderViT
 from lib.modeling.onednn_linear import OneDnnLinear
 
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -31,17 +32,18 @@ def cpu_has_native(precision: str) -> bool:
     return any(flag in flags for flag in NATIVE_FLAGS.get(precision, ()))
 
 
-class AutocastEncoder(nn.Module):
-    """Runs ``encoder`` under bf16 autocast on its device and returns fp32 embeddings."""
+class Bf16ImageEncoderViT(ImageEncoderViT):
+    """:class:`ImageEncoderViT` run under bf16 autocast on its device, returning fp32 embeddings.
 
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
+    ``set_encoder_precision(model, "bf16")`` gives a model's encoder this class in place: its parameter names, state
+    dict and methods stay the fp32 encoder's, so a served bf16 model takes a new version's weights in place (copied
+    into its bf16 weights, rounded as autocast rounds them) like an fp32 one.
+    """
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` -> ``(B, C, S/16, S/16)`` fp32."""
-        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
-            return self.encoder(images).float()
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return super().forward(x).float()
 
 
 def set_encoder_precision(model: SamMed2D, precision: str) -> SamMed2D:
@@ -71,5 +73,5 @@ def set_encoder_precision(model: SamMed2D, precision: str) -> SamMed2D:
                 module.to(torch.bfloat16)
             elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
                 module.weight.data = module.weight.data.to(torch.bfloat16)
-        model.image_encoder = AutocastEncoder(model.image_encoder)
+        model.image_encoder.__class__ = Bf16ImageEncoderViT
     return model

@@ -249,7 +249,8 @@ class InteractiveSegmenter:
             return model, key
 
     def _load_weights(self) -> SamMed2D:
-        """The served weights, copied into the model already serving (fp32 encoder) or in a newly built model.
+        """The served weights, copied into the model already serving (fp32 or bf16 encoder: the copy rounds to the
+        bf16 weights) or in a newly built model (int8: its quantised weights are made from an fp32 model).
 
         Copied in place (:meth:`ModelStore.load_into`), a swap holds the served model and one tensor of the new
         file: building a second model beside the first held up to three copies of the weights (3.3 GB for ViT-B).
@@ -257,7 +258,7 @@ class InteractiveSegmenter:
         copy decodes again (:meth:`segment_view`). Keys and shapes are checked before anything is copied, so a
         version that does not fit leaves the served weights as they were.
         """
-        if self._model is not None and self.encoder_precision == "fp32":
+        if self._model is not None and self.encoder_precision in ("fp32", "bf16"):
             with self._encode_lock:
                 if self.store.load_into(self._model):
                     return self._model
