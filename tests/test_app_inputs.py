@@ -304,7 +304,7 @@ def test_scoring_reads_a_volume_s_middle_slice_a_slice_at_a_time(tmp_path: Path,
 
 def test_a_kept_volume_is_mapped_from_an_unnamed_file_and_serves_the_same_views(tmp_path: Path) -> None:
     """The server keeps a volume for further clicks in a temporary file, mapped read-only: the same views, and no file
-    left behind; a 2D image stays as it is."""
+    left behind; a 2D image stays as it is, and so does a volume whose file cannot be written."""
     import nibabel as nib
 
     from lib.io.image_source import ImageSource, mapped_from_disk
@@ -322,3 +322,5 @@ def test_a_kept_volume_is_mapped_from_an_unnamed_file_and_serves_the_same_views(
         np.testing.assert_array_equal(kept.view(k), source.view(k))
     picture = ImageSource("picture.png", "1:1", np.zeros((8, 8), dtype=np.uint8), is_volume=False)
     assert mapped_from_disk(picture) is picture
+    with pytest.warns(UserWarning, match="v.nii.gz kept in memory"):  # no temporary file: served from memory
+        assert mapped_from_disk(source, str(tmp_path / "missing")) is source

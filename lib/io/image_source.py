@@ -142,10 +142,14 @@ def mapped_from_disk(source: ImageSource, directory: str | None = None) -> Image
     if not source.is_volume:
         return source
     pixels = np.asfortranarray(source.pixels)  # a view of a NIfTI volume's array; a copy of other readers'
-    with tempfile.TemporaryFile(dir=directory) as file:
-        pixels.T.tofile(file)  # the column-major bytes, written from the array's own buffer
-        file.flush()
-        mapped = np.memmap(file, dtype=pixels.dtype, mode="r", shape=pixels.shape, order="F")
+    try:
+        with tempfile.TemporaryFile(dir=directory) as file:
+            pixels.T.tofile(file)  # the column-major bytes, written from the array's own buffer
+            file.flush()
+            mapped = np.memmap(file, dtype=pixels.dtype, mode="r", shape=pixels.shape, order="F")
+    except OSError as exc:  # a full or read-only disk: the volume is served from memory, as before
+        warnings.warn(f"{Path(source.path).name} kept in memory: its temporary file failed ({exc})", stacklevel=2)
+        return source
     return dataclasses.replace(source, pixels=mapped)
 
 
