@@ -141,10 +141,13 @@ def mapped_from_disk(source: ImageSource, directory: str | None = None) -> Image
     """
     if not source.is_volume:
         return source
-    pixels = np.asfortranarray(source.pixels)  # a view of a NIfTI volume's array; a copy of other readers'
+    pixels = source.pixels
     try:
         with tempfile.TemporaryFile(dir=directory) as file:
-            pixels.T.tofile(file)  # the column-major bytes, written from the array's own buffer
+            # Column-major, a slice at a time: no second copy of a volume that a reader gave in another order (a
+            # NIfTI volume's slices are written from its own buffer).
+            for k in range(pixels.shape[2]):
+                np.ascontiguousarray(pixels[:, :, k].T).tofile(file)
             file.flush()
             mapped = np.memmap(file, dtype=pixels.dtype, mode="r", shape=pixels.shape, order="F")
     except OSError as exc:  # a full or read-only disk: the volume is served from memory, as before
