@@ -133,11 +133,11 @@ def mapped_from_disk(source: ImageSource, directory: str | None = None) -> Image
     and mapped back read-only; a 2D image as it is.
 
     A server keeps the volumes being annotated for further clicks (decoding a 512x512x64 ``.nii.gz`` again takes
-    about 0.3 s): in memory that is 32 MB of its resident memory each, mapped it is the page cache's, which the kernel
-    reclaims when it needs to, and a click reads the one slice it shows (slices are contiguous: the pixels are kept
-    in the NIfTI file's column-major order). The file is unlinked from its creation: nothing is left on disk when the
-    mapping closes or the process dies. On a ``/tmp`` in memory (tmpfs) the pages stay in memory, outside the
-    process's resident memory; set ``TMPDIR`` to a disk folder there.
+    about 0.2 s): in memory that is 32 MB of its resident memory each, mapped it is the page cache's, which the kernel
+    reclaims when it needs to, and a click reads the one slice it shows (the file is column-major, so a slice is
+    contiguous). The file is unlinked from its creation: nothing is left on disk when the mapping closes or the
+    process dies. On a ``/tmp`` in memory (tmpfs) the pages stay in memory, outside the process's resident memory;
+    set ``TMPDIR`` to a disk folder there.
     """
     if not source.is_volume:
         return source
@@ -210,19 +210,19 @@ def read_scored_view(path: str | Path, limits: Limits | None = None) -> tuple[np
     of a 2D image, or of a volume's middle slice in the whole volume's default window.
 
     A gzip-compressed NIfTI volume is read a slice at a time and never held whole
-    (:func:`lib.io.volume_io.read_nifti_slice`): the server scores every unlabeled image while it serves clicks.
+    (:func:`lib.io.volume_io.read_nifti_middle_slice`): the server scores every unlabeled image while it serves clicks.
 
     Raises:
         ImageReadError: as :func:`read_image`.
     """
-    from lib.io.volume_io import read_nifti_slice
+    from lib.io.volume_io import read_nifti_middle_slice
 
     path = Path(path)
     if path.is_file() and suffix_of(path) == ".nii.gz":
         content = fingerprint(path)
         check_header(path, limits or Limits())
         try:
-            streamed = read_nifti_slice(path)
+            streamed = read_nifti_middle_slice(path)
         except Exception as exc:  # nibabel and gzip raise many types for unreadable input
             raise ImageReadError(f"image {path.name} is not a readable volume: {exc}") from exc
         if streamed is not None:

@@ -69,13 +69,11 @@ def read_gzip_nifti_data(
     return np.ndarray(shape, dtype=dtype, buffer=buffer, order=order)
 
 
-def read_nifti_slice(path: str | Path, slice_index: int | None = None) -> tuple[np.ndarray, float, float] | None:
-    """Slice ``k`` ``(I, J)`` of a 3D gzip-compressed NIfTI volume stored as it is served (no scaling, column-major)
-    and the finite min..max of the whole volume (``nan`` both when no value is finite), decompressed one slice at a
-    time: what start-up scoring needs of a volume, with two slices in memory instead of the whole array and
+def read_nifti_middle_slice(path: str | Path) -> tuple[np.ndarray, float, float] | None:
+    """The middle slice ``(I, J)`` of a 3D gzip-compressed NIfTI volume stored as it is served (no scaling,
+    column-major) and the finite min..max of the whole volume (``nan`` both when no value is finite), decompressed one
+    slice at a time: what start-up scoring needs of a volume, with two slices in memory instead of the whole array and
     decompression buffers (a 512x512x64 int16 CT: 1 MB instead of 32 MB). ``None`` for any other file: read it whole.
-
-    ``slice_index``: default the middle slice.
     """
     import nibabel as nib
 
@@ -86,7 +84,7 @@ def read_nifti_slice(path: str | Path, slice_index: int | None = None) -> tuple[
     unscaled = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
     if len(shape) != 3 or proxy.order != "F" or not unscaled or dtype.kind not in "iuf":
         return None
-    keep = shape[2] // 2 if slice_index is None else slice_index
+    keep = shape[2] // 2
     plane = np.empty(shape[:2], dtype=dtype, order="F")
     plane_bytes = memoryview(plane.T.reshape(-1).view(np.uint8))
     kept = np.empty_like(plane)
