@@ -16,17 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def cpu_vendor() -> str:
-    """The CPU's vendor as the processor reports it (``GenuineIntel``, ``AuthenticAMD``; empty where unknown)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+from lib.common.cpu import cpu_field
 
 
 def min_multiply_adds_for(vendor: str) -> int:
@@ -42,7 +32,7 @@ def min_multiply_adds_for(vendor: str) -> int:
 
 
 # Products from this size up run in oneDNN on this machine (see min_multiply_adds_for).
-ONEDNN_MIN_MULTIPLY_ADDS = min_multiply_adds_for(cpu_vendor())
+ONEDNN_MIN_MULTIPLY_ADDS = min_multiply_adds_for(cpu_field("vendor_id"))
 
 # Rows oneDNN is told to expect when it packs. The packed layout serves every row count; this one suits a few prompt
 # tokens to a few hundred rows (a batch of prompts) alike.

@@ -11,11 +11,11 @@ against fp32. The decoder stays fp32.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from lib.common.cpu import cpu_field
 from lib.modeling import SamMed2D
 from lib.modeling.image_encoder import ImageEncoderViT
 from lib.modeling.onednn_linear import OneDnnLinear
@@ -27,8 +27,7 @@ NATIVE_FLAGS = {"int8": ("avx512_vnni", "avx_vnni", "amx_int8"), "bf16": ("avx51
 
 def cpu_has_native(precision: str) -> bool:
     """Whether this (Linux x86) CPU has instructions for ``int8`` or ``bf16`` matrix products."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    flags = set(cpu_field("flags").split())
     return any(flag in flags for flag in NATIVE_FLAGS.get(precision, ()))
 
 
