@@ -27,6 +27,7 @@ from lib.guard.limits import Limits, is_plain_name
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+NO_FINITE_VALUE = "image has no finite pixel value (all NaN or infinite): nothing to segment"
 
 
 class ImageReadError(ValueError):
@@ -228,7 +229,7 @@ def read_scored_view(path: str | Path, limits: Limits | None = None) -> tuple[np
         if streamed is not None:
             plane, low, high = streamed
             if math.isnan(low):
-                raise ImageReadError("image has no finite pixel value (all NaN or infinite): nothing to segment")
+                raise ImageReadError(NO_FINITE_VALUE)
             return ImageSource(str(path), content, plane[:, :, None], True, value_range=(low, high)).view(0), content
     source = read_image(path, limits)
     return source.view(source.num_slices // 2 if source.is_volume else None), source.content
@@ -344,7 +345,7 @@ def _with_range(pixels: np.ndarray) -> tuple[float, float]:
         return low, high
     finite = pixels[np.isfinite(pixels)]
     if finite.size == 0:
-        raise ImageReadError("image has no finite pixel value (all NaN or infinite): nothing to segment")
+        raise ImageReadError(NO_FINITE_VALUE)
     return float(finite.min()), float(finite.max())
 
 

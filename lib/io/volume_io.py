@@ -36,7 +36,7 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     image = nib.load(str(path))
     proxy = image.dataobj
-    if getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0:
+    if _unscaled(proxy):
         if str(path).endswith(".gz"):
             data = read_gzip_nifti_data(path, proxy.shape, proxy.dtype, proxy.offset, proxy.order)
         else:
@@ -57,16 +57,26 @@ def read_gzip_nifti_data(
     server's largest transient while it scores or opens a volume).
     """
     buffer = bytearray(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    view = memoryview(buffer)
     with gzip.open(path, "rb") as stream:
         stream.seek(offset)
-        filled = 0
-        while filled < len(buffer):
-            read = stream.readinto(view[filled : filled + GZIP_READ_CHUNK])
-            if not read:
-                raise ValueError(f"{Path(path).name}: the data ends after {filled} of {len(buffer)} bytes")
-            filled += read
+        _fill(stream, memoryview(buffer), path, 0, len(buffer))
     return np.ndarray(shape, dtype=dtype, buffer=buffer, order=order)
+
+
+def _unscaled(proxy: object) -> bool:
+    """Whether a NIfTI array proxy's stored values are its values (no slope or intercept)."""
+    return getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
+
+
+def _fill(stream: gzip.GzipFile, view: memoryview, path: str | Path, start: int, total: int) -> None:
+    """Decompress the next ``len(view)`` bytes of ``stream`` into ``view``, :data:`GZIP_READ_CHUNK` at a time;
+    ``start`` bytes of the data's ``total`` were read before (for the message when the data ends early)."""
+    filled = 0
+    while filled < len(view):
+        read = stream.readinto(view[filled : filled + GZIP_READ_CHUNK])
+        if not read:
+            raise ValueError(f"{Path(path).name}: the data ends after {start + filled} of {total} bytes")
+        filled += read
 
 
 def read_nifti_middle_slice(path: str | Path) -> tuple[np.ndarray, float, float] | None:
@@ -81,8 +91,7 @@ def read_nifti_middle_slice(path: str | Path) -> tuple[np.ndarray, float, float]
         return None
     proxy = nib.load(str(path)).dataobj
     shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
-    unscaled = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
-    if len(shape) != 3 or proxy.order != "F" or not unscaled or dtype.kind not in "iuf":
+    if len(shape) != 3 or proxy.order != "F" or not _unscaled(proxy) or dtype.kind not in "iuf":
         return None
     keep = shape[2] // 2
     plane = np.empty(shape[:2], dtype=dtype, order="F")
@@ -92,12 +101,7 @@ def read_nifti_middle_slice(path: str | Path) -> tuple[np.ndarray, float, float]
     with gzip.open(path, "rb") as stream:
         stream.seek(proxy.offset)
         for k in range(shape[2]):
-            filled = 0
-            while filled < len(plane_bytes):
-                read = stream.readinto(plane_bytes[filled:])
-                if not read:
-                    raise ValueError(f"{Path(path).name}: the data ends in slice {k} of {shape[2]}")
-                filled += read
+            _fill(stream, plane_bytes, path, k * len(plane_bytes), shape[2] * len(plane_bytes))
             values = plane[np.isfinite(plane)] if dtype.kind == "f" else plane
             if values.size:
                 low, high = min(low, float(values.min())), max(high, float(values.max()))
