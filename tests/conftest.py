@@ -47,3 +47,16 @@ def golden_conf(golden_dir: Path, model_dir: Path, **extra: object) -> dict[str,
         "model_dir": model_dir,
     }
     return {**conf, **extra}
+
+
+@pytest.fixture
+def products_rule(monkeypatch):
+    """``products_rule(vendor)``: run the linear products as on a CPU of ``vendor`` (``AuthenticAMD``: a click's in
+    oneDNN; ``GenuineIntel``: a click's in MKL, the encoder's in oneDNN) for the rest of the test, whatever this
+    machine's CPU (:func:`lib.modeling.onednn_linear.min_multiply_adds_for`)."""
+    from lib.modeling import onednn_linear
+
+    def use(vendor: str) -> None:
+        monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", onednn_linear.min_multiply_adds_for(vendor))
+
+    return use

@@ -82,24 +82,22 @@ def test_the_kept_mask_alone_equals_that_output_of_all_masks():
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
-def test_packed_linear_follows_its_weight_and_trains_as_published(monkeypatch):
+def test_packed_linear_follows_its_weight_and_trains_as_published(products_rule):
     """Where oneDNN runs a click's products (AMD processors), inference reads a packed copy: it must equal the plain
     product, be re-made when the weight changes in place (a model swap), not travel with a copy of the layer, and
     leave training's computation (and gradients) as ``F.linear``'s. Where MKL runs them, no copy is made."""
     import copy
 
-    from lib.modeling import onednn_linear
-
     torch.manual_seed(0)
     layer = PackedLinear(256, 2048)
     x = torch.randn(2, 7, 256)
-    monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", onednn_linear.min_multiply_adds_for("GenuineIntel"))
+    products_rule("GenuineIntel")
     with torch.inference_mode():
         torch.testing.assert_close(
             layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5
         )
         assert layer.packed is None
-    monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", onednn_linear.min_multiply_adds_for("AuthenticAMD"))
+    products_rule("AuthenticAMD")
     with torch.inference_mode():
         torch.testing.assert_close(
             layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5

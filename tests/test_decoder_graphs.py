@@ -84,11 +84,9 @@ def test_several_prompt_rows_decode_eagerly(model):
 
 
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"], ids=["oneDNN products", "MKL products"])
-def test_a_new_image_and_weights_copied_in_place_are_what_the_graphs_read(model, vendor, monkeypatch):
+def test_a_new_image_and_weights_copied_in_place_are_what_the_graphs_read(model, vendor, products_rule):
     """With a click's products in oneDNN (AMD processors: the MLPs read packed copies) or in MKL (Intel ones)."""
-    from lib.modeling import onednn_linear
-
-    monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", onednn_linear.min_multiply_adds_for(vendor))
+    products_rule(vendor)
     graphs = DecoderGraphs(model)
     coords, labels, _ = prompts(1, 2, False, 0)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from lib.modeling import onednn_linear
-from lib.modeling.onednn_linear import OneDnnLinear, linear, min_multiply_adds_for, onednn_available
+from lib.modeling.onednn_linear import OneDnnLinear, linear, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
 
 @pytest.fixture
-def amd_rule(monkeypatch):
+def amd_rule(products_rule):
     """The products from 2M multiply-adds in oneDNN, as on AMD processors, whatever this machine's vendor."""
-    monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", min_multiply_adds_for("AuthenticAMD"))
+    products_rule("AuthenticAMD")
 
 
 def ran_onednn(fn) -> bool:
@@ -43,14 +43,14 @@ def test_inference_products_run_in_onednn_and_equal_the_published_ones(amd_rule)
             torch.testing.assert_close(linear(x, input_major), F.linear(x, input_major), atol=1e-4, rtol=1e-5)
 
 
-def test_each_cpu_runs_a_click_s_products_where_they_are_faster_and_the_encoder_s_in_onednn(monkeypatch):
+def test_each_cpu_runs_a_click_s_products_where_they_are_faster_and_the_encoder_s_in_onednn(products_rule):
     """Where MKL runs AVX2 code (AMD) oneDNN takes a click's MLP and up-scaling products; where MKL runs AVX-512
     (Intel) it keeps every product of a click. The encoder's products run in oneDNN on both."""
     torch.manual_seed(0)
     click_products = {"MLP, 7 prompt tokens": (7, 256, 2048), "up-scaling, 256 image tokens": (256, 256, 256)}
     encoder_products = {"attention output, 256 image tokens": (256, 768, 768)}
     for vendor, click_in_onednn in (("AuthenticAMD", True), ("GenuineIntel", False)):
-        monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_MULTIPLY_ADDS", min_multiply_adds_for(vendor))
+        products_rule(vendor)
         with torch.inference_mode():
             for products, in_onednn in ((click_products, click_in_onednn), (encoder_products, True)):
                 for name, (rows, features_in, features_out) in products.items():
