@@ -3,7 +3,8 @@
 :meth:`Attention.attend_to_many` and :meth:`Attention.attend_from_many` regroup the projections of the image tokens
 onto the few prompt tokens; they must give the plain layer's outputs, also for several prompt rows sharing one image.
 :class:`PackedLinear` multiplies by a packed copy of its weight that must follow the weight; a mask prompt's
-first-layer terms are updated from the cached ones (:func:`mask_prompt_terms`).
+first-layer terms are updated from the cached ones (:func:`mask_prompt_terms`), from the mask's channels per image
+token (:meth:`PromptEncoder.mask_token_channels`).
 """
 
 from __future__ import annotations
@@ -152,3 +153,22 @@ def test_a_mask_prompt_decodes_from_the_cached_terms_as_from_a_new_embedding():
         expected = model.mask_decoder.masks(decoded, kept)
     torch.testing.assert_close(low_res, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(iou, decoded.iou.gather(1, kept[:, None])[:, 0], atol=1e-5, rtol=0)
+
+
+def test_a_mask_s_channels_per_token_equal_the_published_convolutions():
+    """The mask downscaling's two strided convolutions, layer norms and activations as per-token products give the
+    convolutions' channels, in the decoder's token order, for trained-looking (random) weights and several rows."""
+    from lib.modeling.build import build_model
+
+    torch.manual_seed(0)
+    prompt_encoder = build_model("vit_b").prompt_encoder.eval()
+    with torch.no_grad():
+        for parameter in prompt_encoder.mask_downscaling.parameters():
+            parameter.normal_()
+        masks = torch.randn(3, 1, 64, 64) * 4
+        published = prompt_encoder.mask_downscaling[:-1](masks)  # (3, 16, 16, 16)
+        per_token = prompt_encoder.mask_token_channels(masks)
+        kept_weights = prompt_encoder.mask_token_channels(masks, prompt_encoder.mask_token_weights())
+    assert per_token.shape == (3, 16 * 16, 16)
+    torch.testing.assert_close(per_token, published.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert torch.equal(kept_weights, per_token)

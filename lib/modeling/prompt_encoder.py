@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
@@ -76,6 +77,38 @@ class PromptEncoder(nn.Module):
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image-embedding grid: ``(1, C, h, w)``."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+
+    def mask_token_weights(self) -> tuple[torch.Tensor, ...]:
+        """The mask downscaling's two 2x2 stride-2 convolutions as the products of :meth:`mask_token_channels`:
+        ``(16, 4 c1)`` and its bias ``(4 c1,)`` from a token's 4x4 pixels to its four sub-blocks' ``c1`` channels,
+        ``(4 c1, c2)`` and ``(c2,)`` from those to the token's ``c2`` channels (``c1, c2`` = ``mask_in_chans // 4,
+        mask_in_chans``)."""
+        conv1, _, _, conv2, _, _, _ = self.mask_downscaling
+        # Pixel (2e + d, 2f + g) of a token's 4x4 block feeds channel ch of its sub-block (e, f) by conv1[ch, 0, d, g].
+        sub_blocks = torch.eye(4, dtype=conv1.weight.dtype, device=conv1.weight.device).view(2, 2, 2, 2)
+        first = torch.einsum("efEF,cdg->EdFgefc", sub_blocks, conv1.weight[:, 0]).reshape(16, -1)
+        second = conv2.weight.permute(2, 3, 1, 0).reshape(-1, conv2.out_channels)  # rows (e, f, ch)
+        return first, conv1.bias.repeat(4), second, conv2.bias
+
+    def mask_token_channels(self, masks: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """The mask downscaling's layers before its last convolution, per image token: ``(B, 1, 4h, 4w)`` ->
+        ``(B, h*w, mask_in_chans)``, tokens in row-major grid order (inference).
+
+        Its two 2x2 stride-2 convolutions never overlap, so image token ``(y, x)`` reads its 4x4 pixels only: both
+        convolutions are products of each token's pixels (``weights``: :meth:`mask_token_weights`, which a caller
+        may keep), and the layer norms and activations act per sub-block and per token. Same sums as the
+        convolutions (within rounding), in 7 operations where the convolutions and the channel-first layer norms
+        take 25, laid out as the decoder's tokens.
+        """
+        _, norm1, act1, _, norm2, act2, _ = self.mask_downscaling
+        first, first_bias, second, second_bias = weights if weights is not None else self.mask_token_weights()
+        b, _, height, width = masks.shape
+        tokens = (height // 4) * (width // 4)
+        pixels = F.pixel_unshuffle(masks, 4).view(b, 16, tokens).transpose(1, 2)  # each token's 4x4, row-major
+        x = torch.baddbmm(first_bias, pixels, first.expand(b, -1, -1)).view(b, tokens, 4, -1)  # per sub-block
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm1.weight, norm1.bias, norm1.eps)).view(b, tokens, -1)
+        x = torch.baddbmm(second_bias, x, second.expand(b, -1, -1))
+        return act2(F.layer_norm(x, (x.shape[-1],), norm2.weight, norm2.bias, norm2.eps))
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """Points ``(B, N, 2)`` with labels ``(B, N)`` -> ``(B, N + pad, C)``.

@@ -51,12 +51,12 @@ import torch
 from lib.modeling import SamMed2D
 from lib.modeling.mask_decoder import DecodedTokens
 from lib.modeling.onednn_linear import PackedLinear, onednn_available
-from lib.serving.decoding import decode_prompt_tokens
+from lib.serving.decoding import MASK_TOKEN_WEIGHTS, decode_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
 # The first-layer terms of an encoded image (:meth:`TwoWayTransformer.first_layer_terms`), in the graphs' input order.
-FIRST_LAYER_NAMES = ("keys", "key_pe", "t2i_k", "t2i_v", "i2t_q")
+FIRST_LAYER_NAMES = ("keys", "key_pe", "t2i_k", "t2i_v", "i2t_q", "mask_base", "mask_weight", *MASK_TOKEN_WEIGHTS)
 PROMPT_NAMES = ("point_coords", "point_labels", "boxes", "mask_input")
 # Inputs whose second dimension is the number of points: a tokens graph is not specific to it.
 POINT_INPUTS = ("point_coords", "point_labels")

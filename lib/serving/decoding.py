@@ -22,7 +22,6 @@ import torch
 
 from lib.modeling import SamMed2D
 from lib.modeling.mask_decoder import DecodedTokens
-from lib.modeling.transformer import Attention
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.preprocessing import POLICIES, FrameGeometry, PolicyName
 
@@ -83,7 +82,8 @@ def prompt_independent_inputs(
     Returns ``image_pe`` ``(1, C, h, w)`` (the dense positional encoding: it depends on the weights only, so pass
     the model's one and every entry shares it), ``src_no_mask`` = features + the dense embedding used when there
     is no mask prompt (what the decoder's transformer reads) and, under ``first_layer.*``, the image tokens in the
-    transformer's layout and its first projections of ``src_no_mask`` (:meth:`TwoWayTransformer.first_layer_terms`).
+    transformer's layout and its first projections of ``src_no_mask`` (:meth:`TwoWayTransformer.first_layer_terms`),
+    with what a mask prompt moves them from (:func:`mask_prompt_bases`).
     """
     prompt_encoder = model.prompt_encoder
     if image_pe is None:
@@ -91,7 +91,53 @@ def prompt_independent_inputs(
     no_mask_dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     src_no_mask = features + no_mask_dense
     first_layer = model.mask_decoder.transformer.first_layer_terms(src_no_mask, image_pe)
+    first_layer.update(mask_prompt_bases(model, first_layer))
     return {"image_pe": image_pe, "src_no_mask": src_no_mask, **{f"first_layer.{k}": v for k, v in first_layer.items()}}
+
+
+# The first-layer terms a mask prompt moves, in the column order of mask_prompt_bases: the image tokens, then the
+# first block's projections of them (attention, projection).
+MOVED_TERMS = (
+    ("keys", None, None),
+    ("t2i_k", "cross_attn_token_to_image", "k_proj"),
+    ("t2i_v", "cross_attn_token_to_image", "v_proj"),
+    ("i2t_q", "cross_attn_image_to_token", "q_proj"),
+)
+
+
+# PromptEncoder.mask_token_weights, kept with the first-layer terms.
+MASK_TOKEN_WEIGHTS = ("mask_pixels_weight", "mask_pixels_bias", "mask_sub_blocks_weight", "mask_sub_blocks_bias")
+
+
+def mask_prompt_bases(model: SamMed2D, first_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """From the first-layer terms of an image without a mask prompt (batch 1), what :func:`mask_prompt_terms` moves
+    by a mask's channels, side by side: ``mask_base`` ``(1, h*w, C + 3 D)`` and ``mask_weight`` ``(16, C + 3 D)``;
+    and the prompt encoder's products that make those channels (:data:`MASK_TOKEN_WEIGHTS`).
+
+    The dense embedding of a mask is a 1x1 convolution ``W`` ``(C, 16)``, ``b`` of its 16 channels ``c`` per token;
+    without a mask it is ``no_mask``. So a mask moves each image token by ``c W^T + b - no_mask``, and each of the
+    first block's three projections ``P`` of the tokens by ``c (P W)^T + P (b - no_mask)``: the terms without the
+    mask plus the constant parts are ``mask_base``, and ``mask_weight`` is ``[W^T, (P W)^T ...]``, so that a mask
+    prompt's terms are one ``(h*w, 16)`` product away.
+    """
+    prompt_encoder = model.prompt_encoder
+    last = prompt_encoder.mask_downscaling[-1]
+    weight = last.weight.flatten(1)  # (C, 16)
+    shift = last.bias - prompt_encoder.no_mask_embed.weight[0]  # (C,)
+    block = model.mask_decoder.transformer.layers[0]
+    bases, weights = [], []
+    for name, attention, projection in MOVED_TERMS:
+        term = first_layer[name]
+        if projection is None:
+            bases.append(term + shift)
+            weights.append(weight.t())
+            continue
+        proj = getattr(getattr(block, attention), projection)
+        flat = term.transpose(1, 2).reshape(term.shape[0], term.shape[2], -1)  # (1, heads, N, d) -> (1, N, D)
+        bases.append(flat + proj.weight @ shift)
+        weights.append((proj.weight @ weight).t())
+    token_weights = dict(zip(MASK_TOKEN_WEIGHTS, prompt_encoder.mask_token_weights(), strict=True))
+    return {"mask_base": torch.cat(bases, dim=-1), "mask_weight": torch.cat(weights, dim=-1), **token_weights}
 
 
 def decode_rows(
@@ -183,42 +229,29 @@ def mask_prompt_terms(
     model: SamMed2D, first_layer: dict[str, torch.Tensor], mask_input: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The first-layer terms (:meth:`TwoWayTransformer.first_layer_terms`) of an image with a mask prompt, from its
-    terms without one, without projecting its image tokens again.
-
-    The dense embedding of a mask is a 1x1 convolution of 16 channels; without a mask it is ``no_mask_embed``. So a
-    mask moves each image token by ``c W^T + b - no_mask`` (``c`` its 16 channels, ``W`` ``(C, 16)``), and each of the
-    first block's three projections ``P`` of the tokens by ``c (P W)^T + P (b - no_mask)``: ``(h*w, 16)`` products
-    instead of ``(h*w, C)`` ones (the same sums, regrouped; 3 of a click's largest products gone).
+    terms without one (:func:`mask_prompt_bases`), without projecting its image tokens again: one product of the
+    mask's 16 channels per token (:meth:`PromptEncoder.mask_token_channels`) instead of three ``(h*w, C)`` ones.
 
     Args:
-        first_layer: the terms of the image embedding + the no-mask embedding, batch 1.
+        first_layer: the terms of the image embedding + the no-mask embedding, batch 1, with their mask bases.
         mask_input: ``(R, 1, s, s)`` the mask prompt as the prompt encoder takes it.
 
     Returns:
         the terms of each row's image embedding + its mask's dense embedding, batch ``R``.
     """
-    *hidden, last = model.prompt_encoder.mask_downscaling
-    channels = mask_input
-    for layer in hidden:
-        channels = layer(channels)
-    rows, tokens = channels.shape[0], channels.shape[2] * channels.shape[3]
-    channels = channels.flatten(2).transpose(1, 2).reshape(rows * tokens, -1)  # (R h*w, 16)
-    weight = last.weight.flatten(1)  # (C, 16)
-    shift = last.bias - model.prompt_encoder.no_mask_embed.weight[0]  # (C,)
+    token_weights = tuple(first_layer[name] for name in MASK_TOKEN_WEIGHTS)
+    channels = model.prompt_encoder.mask_token_channels(mask_input, token_weights)  # (R, h*w, 16)
+    rows, weight = channels.shape[0], first_layer["mask_weight"]
+    moved = torch.baddbmm(first_layer["mask_base"], channels, weight.expand(rows, -1, -1))  # (R, h*w, C + 3 D)
     block = model.mask_decoder.transformer.layers[0]
-    t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
-
-    def moved(attention: Attention, proj: torch.nn.Linear, term: torch.Tensor) -> torch.Tensor:
-        change = torch.addmm(proj.weight @ shift, channels, (proj.weight @ weight).T)
-        return term + attention.separate_heads(change.view(rows, tokens, -1))
-
-    return {
-        "keys": first_layer["keys"] + torch.addmm(shift, channels, weight.T).view(rows, tokens, -1),
-        "key_pe": first_layer["key_pe"],
-        "t2i_k": moved(t2i, t2i.k_proj, first_layer["t2i_k"]),
-        "t2i_v": moved(t2i, t2i.v_proj, first_layer["t2i_v"]),
-        "i2t_q": moved(i2t, i2t.q_proj, first_layer["i2t_q"]),
-    }
+    terms, start = {"key_pe": first_layer["key_pe"]}, 0
+    for name, attention, _ in MOVED_TERMS:
+        term = first_layer[name]  # (1, N, C), or split into heads (1, heads, N, d)
+        width = term.shape[-1] if attention is None else term.shape[1] * term.shape[3]
+        part = moved[..., start : start + width]
+        terms[name] = part if attention is None else getattr(block, attention).separate_heads(part)
+        start += width
+    return terms
 
 
 def kept_output(iou: torch.Tensor, multimask: bool) -> torch.Tensor:
