@@ -22,10 +22,11 @@ Two graphs serve a click, because the kept output is chosen by the predicted IoU
   clicks, and 43 MB of growth);
 * the *mask* graph of the kept output, :meth:`MaskDecoder.masks` for that output (one per output).
 
-What the graphs read: the per-image terms and the prompts are inputs, and so are the decoder MLPs' packed weights
-(:class:`~lib.modeling.onednn_linear.PackedLinear`: an opaque oneDNN tensor cannot be a recorded constant, and the copy
-is re-packed when the weight changes) and every other weight the tracer met (:func:`compact`), read where it is: weights
-copied into the model in place (a model swap) serve the next click; a new model object needs new graphs.
+What the graphs read: the per-image terms and the prompts are inputs, and so are the decoder MLPs' packed weights where
+the products read them (:class:`~lib.modeling.onednn_linear.PackedLinear`: an opaque oneDNN tensor cannot be a recorded
+constant, and the copy is re-packed when the weight changes; where the products run in MKL, on Intel processors, no copy
+is made) and every other weight the tracer met (:func:`compact`), read where it is: weights copied into the model in
+place (a model swap) serve the next click; a new model object needs new graphs.
 
 Memory: ``torch.jit.trace`` keeps every graph it makes for the life of the process (pytorch/pytorch#35600, #86537),
 and a graph of a click's ~1000 nodes holds several MB. So graphs are recorded with the tracer alone and each is
@@ -48,6 +49,7 @@ from collections.abc import Callable
 
 import torch
 
+from lib.common.memory import release_freed_memory
 from lib.modeling import SamMed2D
 from lib.modeling.mask_decoder import DecodedTokens
 from lib.modeling.onednn_linear import PackedLinear, onednn_available
@@ -80,11 +82,14 @@ class RecordedGraph:
     """A recorded graph as a function, compiled in a compilation unit of its own so that it is freed with this object.
 
     Attributes:
+        packed_layers: the packed weights it reads, after its inputs (indices into the decoder's packed layers).
         exact_for: numbers of points the graph was checked on: ``True`` where it gave the eager decoder's result bit
             for bit (the one it was recorded with among them), ``False`` where it did not.
     """
 
-    def __init__(self, graph: torch._C.Graph, points: int) -> None:
+    def __init__(self, graph: torch._C.Graph, points: int, first_packed: int, packed_layers: list[int]) -> None:
+        # The packed weights given (graph inputs from first_packed on, of these layers) that the products read.
+        self.packed_layers = drop_unread_inputs(graph, first_packed, packed_layers)
         self._weights = compact(graph)
         unit = torch._C.CompilationUnit()
         saved = unit.create_function("forward", graph).save_to_buffer()
@@ -98,6 +103,18 @@ class RecordedGraph:
         # The simple executor: the profiling one specialises and fuses, which changes the sums' order.
         with torch.jit.optimized_execution(False):
             return self._module(*inputs, *self._weights)
+
+
+def drop_unread_inputs(graph: torch._C.Graph, first: int, layers: list[int]) -> tuple[int, ...]:
+    """Remove the graph inputs ``first, first + 1, ...`` (the packed weights of ``layers``) that no node reads; return
+    the layers of those left."""
+    kept = []
+    for position in reversed(range(len(layers))):
+        if list(graph.inputs())[first + position].uses():
+            kept.insert(0, layers[position])
+        else:
+            graph.eraseInput(first + position)
+    return tuple(kept)
 
 
 def compact(graph: torch._C.Graph) -> list[torch.Tensor]:
@@ -190,25 +207,21 @@ class DecoderGraphs:
             return DecodedTokens(mask_tokens=mask_tokens, image_tokens=image_tokens, grid=tuple(src.shape[2:]), iou=iou)
 
         key = layout(("tokens", names), named)
-        packed = self._packed_weights()
         graph, unchecked = self._tokens_graph(key, points)
         if graph is not None:
-            return as_decoded(graph(*inputs, *packed))
+            return as_decoded(graph(*inputs, *self._packed_weights(graph.packed_layers)))
         if unchecked and self._first_meeting(key, points):
             return None
-        eager = None
-        if unchecked:
-            # A number of points these graphs were not recorded with: one serves it if it gives the eager result
-            # exactly.
-            eager = tokens(*inputs)
-            for graph in unchecked:
-                graph.exact_for[points] = all(torch.equal(a, b) for a, b in zip(graph(*inputs, *packed), eager))
-                if graph.exact_for[points]:
-                    return as_decoded(eager)
-        recorded = self._record_tokens(key, points, tokens, inputs, packed)
-        if eager is not None:
-            return as_decoded(eager)
-        return None if recorded is None else as_decoded(recorded(*inputs, *packed))
+        # Run eagerly first: a number of points these graphs were not recorded with is served by one that gives the
+        # eager result exactly, and a new graph is given the packed weights that this decoding multiplied by.
+        eager = tokens(*inputs)
+        for graph in unchecked:
+            replayed = graph(*inputs, *self._packed_weights(graph.packed_layers))
+            graph.exact_for[points] = all(torch.equal(a, b) for a, b in zip(replayed, eager))
+            if graph.exact_for[points]:
+                return as_decoded(eager)
+        self._record_tokens(key, points, tokens, inputs)
+        return as_decoded(eager)
 
     def masks(self, decoded: DecodedTokens, outputs: torch.Tensor) -> torch.Tensor | None:
         """:meth:`MaskDecoder.masks` of the kept ``outputs`` ``(1,)`` from that output's graph, or ``None`` (several
@@ -226,17 +239,22 @@ class DecoderGraphs:
         with self._lock:
             if key not in self._masks:
                 # The masks read no packed weight (the up-scaling's products take the plain ones).
-                self._masks[key] = self._record(key, 0, mask, tuple(named.values()), [])
+                self._masks[key] = self._record(key, 0, mask, tuple(named.values()), packed=False)
             graph = self._masks[key]
         return None if graph is None else graph(*named.values())
+
+    def packed_layers_read(self) -> int:
+        """How many of the decoder's packed weights the kept graphs read: those of the products that run in oneDNN."""
+        with self._lock:
+            return len({i for graphs in self._tokens.values() for graph in graphs for i in graph.packed_layers})
 
     def __len__(self) -> int:
         """Graphs kept."""
         with self._lock:
             return sum(map(len, self._tokens.values())) + sum(graph is not None for graph in self._masks.values())
 
-    def _packed_weights(self) -> list[torch.Tensor]:
-        return [layer.onednn_weight() for layer in self._packed_layers]
+    def _packed_weights(self, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        return [self._packed_layers[i].onednn_weight() for i in layers]
 
     def _tokens_graph(self, key: Layout, points: int) -> tuple[RecordedGraph | None, list[RecordedGraph]]:
         """The kind's graph that serves ``points`` points, or else those not yet checked on them."""
@@ -256,13 +274,13 @@ class DecoderGraphs:
             return first
 
     def _record_tokens(
-        self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
+        self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...]
     ) -> RecordedGraph | None:
         """A new tokens graph of ``key`` recorded with ``points`` points, kept within ``max_graphs``."""
         with self._lock:
             if (key, points) in self._failed or self.max_graphs < 1:
                 return None
-        graph = self._record(key, points, fn, inputs, weights)
+        graph = self._record(key, points, fn, inputs, packed=True)
         with self._lock:
             if graph is None:
                 self._failed.add((key, points))
@@ -278,9 +296,15 @@ class DecoderGraphs:
         return graph
 
     def _record(
-        self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
+        self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], packed: bool
     ) -> RecordedGraph | None:
-        """``fn`` of ``inputs`` (then ``weights`` as inputs too) recorded, or ``None``."""
+        """``fn`` of ``inputs`` recorded, or ``None``; with ``packed``, the packed weights that ``fn`` multiplied by
+        when it last ran (they exist then, :class:`PackedLinear`) are inputs too, after ``inputs``.
+
+        The copies are not made here: where the products run in MKL (Intel processors) they are never made, and a
+        graph given one that its products do not read drops it (:func:`drop_unread_inputs`)."""
+        layers = [i for i, layer in enumerate(self._packed_layers) if packed and layer.packed is not None]
+        weights = self._packed_weights(tuple(layers))
 
         def traced(*args):  # noqa: ANN002, ANN202 (traced): the packed weights come last, as inputs
             return fn(*args[: len(inputs)])
@@ -292,9 +316,11 @@ class DecoderGraphs:
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 # The tracer alone: torch.jit.trace would add the graph to a compilation unit that lives forever.
                 graph, _ = torch.jit._get_trace_graph(traced, (*inputs, *weights))
-            recorded = RecordedGraph(graph, points)
+            recorded = RecordedGraph(graph, points, len(inputs), layers)
         except Exception:  # a prompt that cannot be recorded decodes eagerly
             logger.exception("Cannot record the decoder graph of %s; it decodes eagerly", key[0])
             return None
+        # The tracer's garbage stays in this thread's heap until trimmed (about 10 MB on a request thread's first).
+        release_freed_memory(collect=False)
         logger.info("Recorded the decoder graph of %s in %.0f ms", key[0], 1000 * (time.perf_counter() - start))
         return recorded
