@@ -14,11 +14,11 @@ are neither.
 
 Rows: the image encoder (seconds per image); a click (ms): prompt encoder + mask decoder with
 ``multimask_output=True`` and the best predicted IoU kept, which is what the server decodes per click, for one point,
-a box and a point with the previous mask. ``ours torch`` decodes as the server does by default; ``ours torch,
-decoder graphs`` replays the same operations from recorded graphs (:mod:`lib.serving.decoder_graphs`, the server's
-opt-in ``--conf decoder_graphs true``). The largest difference of each output from the published code's is printed
-next to it, and so is the re-implemented published math (:mod:`benchmarks.published_reference`), kept as a fidelity
-reference.
+a box and a point with the previous mask. ``ours torch`` decodes as the server does by default, replaying the
+operations from recorded graphs (:mod:`lib.serving.decoder_graphs`); ``ours torch, eager decoder`` runs the same
+operations from the Python modules (``--conf decoder_graphs false``). The largest difference of each output from the
+published code's is printed next to it, and so is the re-implemented published math
+(:mod:`benchmarks.published_reference`), kept as a fidelity reference.
 """
 
 from __future__ import annotations
@@ -238,9 +238,10 @@ def main() -> None:
             reduced[precision] = _max_diff(model.encode(x), features) / features.abs().max().item()
             encoders[f"ours torch {precision} encoder"] = lambda model=model: model.encode(x)
         encoder_s = alternating_medians(encoders, args.repeats, sync)
-        entry = CachedEmbedding(features, None, prompt_independent_inputs(ours, features))
-        # --conf decoder_graphs true: the same inputs, replayed from graphs recorded by their first calls here.
-        graphs_entry = CachedEmbedding(features, None, {**entry.extras, "decoder_graphs": DecoderGraphs(ours)})
+        # --conf decoder_graphs false: the eager modules.
+        eager_entry = CachedEmbedding(features, None, prompt_independent_inputs(ours, features))
+        # The server's default: the same inputs, replayed from graphs recorded by their first calls here.
+        entry = CachedEmbedding(features, None, {**eager_entry.extras, "decoder_graphs": DecoderGraphs(ours)})
         onnx_entry = CachedEmbedding(features, None, {"onnx_decoder": runtime.decoder}) if runtime else None
 
         def published_click(points, boxes, mask):
@@ -270,12 +271,12 @@ def main() -> None:
             click_diff[kind] = {
                 "published math (re-implemented)": _max_diff(reference_click()[0], expected),
                 "ours torch": _max_diff(ours_click()[0], expected),
-                "ours torch, decoder graphs": _max_diff(ours_click(entry=graphs_entry)[0], expected),
+                "ours torch, eager decoder": _max_diff(ours_click(entry=eager_entry)[0], expected),
             }
             clicks = {
                 "published code": lambda p=(points, boxes, mask): published_click(*p),
                 "ours torch": ours_click,
-                "ours torch, decoder graphs": lambda click=ours_click: click(entry=graphs_entry),
+                "ours torch, eager decoder": lambda click=ours_click: click(entry=eager_entry),
             }
             if runtime is not None:
 

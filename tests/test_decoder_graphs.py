@@ -156,12 +156,12 @@ def test_graphs_past_the_bound_are_dropped_least_recently_used_first_and_freed(m
 
 
 def test_the_segmenter_with_graphs_answers_clicks_as_without(golden_dir: Path, tmp_path: Path):
-    """``--conf decoder_graphs true``: the server's segmenter records on the clicking thread, under its locks, and a
-    click, a correction with the previous mask and a box give the eager answers."""
+    """The server's segmenter (graphs by default) records on the clicking thread, under its locks, and a click, a
+    correction with the previous mask and a box give the eager answers (``--conf decoder_graphs false``)."""
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(tmp_path / "picture.png")
-    plain = InteractiveSegmenter(ModelStore(tmp_path / "plain", golden_dir / "meta.json"))
-    graphed = InteractiveSegmenter(ModelStore(tmp_path / "graphed", golden_dir / "meta.json"), decoder_graphs=True)
+    plain = InteractiveSegmenter(ModelStore(tmp_path / "plain", golden_dir / "meta.json"), decoder_graphs=False)
+    graphed = InteractiveSegmenter(ModelStore(tmp_path / "graphed", golden_dir / "meta.json"))
     steps = (
         ({"foreground": [[30, 40]]}, True),
         ({"foreground": [[30, 40]], "background": [[60, 20]]}, False),

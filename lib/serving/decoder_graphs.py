@@ -1,5 +1,6 @@
 """A click's prompt encoder and mask decoder replayed from TorchScript graphs: the same operations as the eager
-modules, without the Python between them (the server's opt-in ``--conf decoder_graphs true``).
+modules, without the Python between them (the server's default; ``--conf decoder_graphs false`` runs the eager
+modules).
 
 A click is about 230 small operations (a few prompt tokens against 256 image tokens); in eager mode the Python around
 each one (module calls, argument parsing, shape arithmetic) is 10-25% of the click. :class:`DecoderGraphs`
@@ -31,10 +32,10 @@ place (a model swap) serve the next click; a new model object needs new graphs.
 Memory: ``torch.jit.trace`` keeps every graph it makes for the life of the process (pytorch/pytorch#35600, #86537),
 and a graph of a click's ~1000 nodes holds several MB. So graphs are recorded with the tracer alone and each is
 compiled in a compilation unit of its own: it is freed with its :class:`RecordedGraph`, and at most ``max_graphs``
-tokens graphs are kept, the least recently used dropped first. A kept tokens graph and its mask graph hold about 2 MB;
-the first recording of a process costs about 11 MB once (TorchScript's set-up, and the heap its garbage fragments),
-which is why the server has them off by default (``docs/benchmarks.md``). Recording takes about 25-50 ms, on the click
-that first needs it; checking a graph on a new number of points costs one eager decoding.
+tokens graphs are kept, the least recently used dropped first. A kept tokens graph and its mask graph hold about 2 MB,
+and the tracer's garbage is trimmed after each recording (``docs/benchmarks.md``). Recording takes about 80-110 ms, on
+the click that first needs it (the server's warm-up records a point and a point with the previous mask); checking a
+graph on a new number of points costs one eager decoding.
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ class DecoderGraphs:
     Args:
         model: the served model, in eval mode, its parameters without gradients.
         max_graphs: tokens graphs kept at most, the least recently used dropped first (a prompt kind needs one, or two
-            where its number of points crosses a choice of the Python code); the mask graphs, one per output, come
-            on top.
+            where its number of points crosses a choice of the Python code: the default keeps points, a box and both,
+            each with and without the previous mask); the mask graphs, one per output, come on top.
 
     Graphs are recorded on the thread that decodes. Another thread would keep buffers of its own for the decoder's
     operations (the server's encoder thread held 6 MB more), and one that forks an OpenMP team of its own makes libgomp
@@ -160,7 +161,7 @@ class DecoderGraphs:
     slower from then on).
     """
 
-    def __init__(self, model: SamMed2D, max_graphs: int = 4) -> None:
+    def __init__(self, model: SamMed2D, max_graphs: int = 6) -> None:
         self.model = model
         self.max_graphs = max_graphs
         # The packed copies exist where the products run in oneDNN (CPU); elsewhere the graphs read the weights.
