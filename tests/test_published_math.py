@@ -100,3 +100,21 @@ def test_seeded_adapter_weights_do_not_depend_on_their_storage():
     for mine, published in zip(ours, published_layers, strict=True):
         assert torch.equal(mine.weight, published.weight), mine
     assert not adapter.spatial[2].weight.is_contiguous()  # the re-laid one is among them
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(4, 2, 1), (3, 2, 0), (2, 2, 0), (3, 1, 1)])
+def test_a_transposed_convolution_as_a_product_and_an_overlap_add_equals_the_layer(kernel, stride, padding):
+    """The adapter's transposed convolution (its 4x4 stride-2 one, and other shapes) as one product and a sum per
+    tap of the kernel (:func:`lib.modeling.adapter.overlap_add`, in place of ``fold``) gives the layer's output, for
+    two images at once."""
+    from lib.modeling.adapter import conv_transpose_by_matmul
+
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(6, 5, kernel_size=kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 6, 7, 9)
+    with torch.no_grad():
+        expected = layer(x)
+        pixels = x.permute(1, 0, 2, 3).reshape(6, -1)  # (Cin, B * h * w), as the adapter's first product gives them
+        got = conv_transpose_by_matmul(pixels, (7, 9), layer)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
