@@ -56,24 +56,35 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid_size - 1, head_dim))
 
+    def relative_position_tables(self, kv_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`relative_position_table` of each axis of a ``kv_hw`` grid: ``(Hk, Hk, head_dim)``,
+        ``(Wk, Wk, head_dim)``; every window of a forward shares them."""
+        return relative_position_table(self.rel_pos_h, kv_hw[0]), relative_position_table(self.rel_pos_w, kv_hw[1])
+
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_hw: tuple[int, int], kv_hw: tuple[int, int]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_hw: tuple[int, int],
+        tables: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Attention of the queries of a ``q_hw`` grid over the keys of a ``kv_hw`` grid that holds it at its top
-        left (the same grid, or a window with padding below and right of its real tokens).
+        """Attention of the queries of a ``q_hw`` grid over the keys of the grid of ``tables``
+        (:meth:`relative_position_tables`) that holds it at its top left (the same grid, or a window with padding
+        below and right of its real tokens).
 
         Args:
             q: ``(B, heads, Hq * Wq, head_dim)``; ``k``, ``v``: ``(B, heads, Hk * Wk, head_dim)``.
-            q_hw: ``(Hq, Wq)``, at most ``kv_hw`` = ``(Hk, Wk)``.
+            q_hw: ``(Hq, Wq)``, at most ``(Hk, Wk)``.
 
         Returns:
             ``(B, Hq, Wq, C)``, before the output projection.
         """
         batch, heads, _, _ = q.shape
-        (height, width), (key_height, key_width) = q_hw, kv_hw
+        height, width = q_hw
         grid_q = q.reshape(batch, heads, height, width, -1)
-        table_h = relative_position_table(self.rel_pos_h, key_height)[:height]  # (Hq, Hk, head_dim)
-        table_w = relative_position_table(self.rel_pos_w, key_width)[:width]  # (Wq, Wk, head_dim)
+        table_h = tables[0][:height]  # (Hq, Hk, head_dim)
+        table_w = tables[1][:width]  # (Wq, Wk, head_dim)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)  # (B, heads, Hq, Wq, Hk)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)  # (B, heads, Hq, Wq, Wk)
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, height * width, -1)
@@ -97,18 +108,19 @@ class Attention(nn.Module):
         if window_size <= 0:
             k, v = kv.split(dim, dim=-1)
             grid = (height, width)
-            out = self.attend(self.split_heads(q), self.split_heads(k), self.split_heads(v), grid, grid)
+            tables = self.relative_position_tables(grid)
+            out = self.attend(self.split_heads(q), self.split_heads(k), self.split_heads(v), grid, tables)
             return self.proj(out)
         # A zero (padding) token projects to the bias; computed through the layer so that a quantised one works.
         kv_windows = window_partition(kv, window_size, pad=self.qkv(x.new_zeros(1, dim))[0, dim:])
         out = x.new_empty(batch, height, width, dim)
-        window = (window_size, window_size)
+        tables = self.relative_position_tables((window_size, window_size))
         for i, rows in _window_slices(height, window_size):
             for j, cols in _window_slices(width, window_size):
                 k, v = kv_windows[:, i, j].split(dim, dim=-1)
                 window_q = self.split_heads(q[:, rows, cols])
                 hw = (rows.stop - rows.start, cols.stop - cols.start)
-                out[:, rows, cols] = self.attend(window_q, self.split_heads(k), self.split_heads(v), hw, window)
+                out[:, rows, cols] = self.attend(window_q, self.split_heads(k), self.split_heads(v), hw, tables)
         return self.proj(out)
 
 
