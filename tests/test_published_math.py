@@ -106,35 +106,38 @@ def test_seeded_adapter_weights_do_not_depend_on_their_storage():
 def test_a_convolution_as_a_gather_of_fields_and_a_product_equals_the_layer(kernel, stride, padding):
     """The adapter's convolution (its 3x3 stride-2 one, and other shapes) on a channels-last grid, as one gather of
     each output pixel's field and one product (:func:`lib.modeling.adapter.conv2d_by_matmul`), gives the layer's
-    output for two images at once, with the weight stored as the adapter stores it or not."""
+    output for two images at once, with the weight stored as the adapter stores it or not, in inference and in
+    training (where the fields are gathered by ``unfold``, whose gradient is cheap)."""
     from lib.modeling.adapter import conv2d_by_matmul
     from lib.modeling.common import store_weight_in_memory_order
 
     torch.manual_seed(0)
     layer = nn.Conv2d(6, 5, kernel_size=kernel, stride=stride, padding=padding)
     x = torch.randn(2, 6, 9, 8)
-    with torch.no_grad():
-        expected = layer(x)
-        for _ in range(2):
-            got, (height, width) = conv2d_by_matmul(x.permute(0, 2, 3, 1), layer)
+    expected = layer(x).detach()
+    for _ in range(2):
+        for training in (False, True):
+            with torch.set_grad_enabled(training):
+                got, (height, width) = conv2d_by_matmul(x.permute(0, 2, 3, 1), layer)
             got = got.view(5, 2, height, width).transpose(0, 1)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-            store_weight_in_memory_order(layer, (0, 2, 3, 1))
+            torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
+        store_weight_in_memory_order(layer, (0, 2, 3, 1))
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [(4, 2, 1), (3, 2, 0), (2, 2, 0), (3, 1, 1)])
 def test_a_transposed_convolution_as_a_product_and_an_overlap_add_equals_the_layer(kernel, stride, padding):
     """The adapter's transposed convolution (its 4x4 stride-2 one, and other shapes) as one product and a sum per
     tap of the kernel (:func:`lib.modeling.adapter.overlap_add`, in place of ``fold``) gives the layer's output, for
-    two images at once."""
+    two images at once, in inference and in training (where it is ``fold``)."""
     from lib.modeling.adapter import conv_transpose_by_matmul
 
     torch.manual_seed(0)
     layer = nn.ConvTranspose2d(6, 5, kernel_size=kernel, stride=stride, padding=padding)
     x = torch.randn(2, 6, 7, 9)
-    with torch.no_grad():
-        expected = layer(x)
-        pixels = x.permute(1, 0, 2, 3).reshape(6, -1)  # (Cin, B * h * w), as the adapter's first product gives them
-        got = conv_transpose_by_matmul(pixels, (7, 9), layer)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    expected = layer(x).detach()
+    pixels = x.permute(1, 0, 2, 3).reshape(6, -1)  # (Cin, B * h * w), as the adapter's first product gives them
+    for training in (False, True):
+        with torch.set_grad_enabled(training):
+            got = conv_transpose_by_matmul(pixels, (7, 9), layer)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
