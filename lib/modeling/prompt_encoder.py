@@ -97,8 +97,8 @@ class PromptEncoder(nn.Module):
         Its two 2x2 stride-2 convolutions never overlap, so image token ``(y, x)`` reads its 4x4 pixels only: both
         convolutions are products of each token's pixels (``weights``: :meth:`mask_token_weights`, which a caller
         may keep), and the layer norms and activations act per sub-block and per token. Same sums as the
-        convolutions (within rounding), in 7 operations where the convolutions and the channel-first layer norms
-        take 25, laid out as the decoder's tokens.
+        convolutions (within rounding), in 7 kernels (and 4 views) where the convolutions and the channel-first layer
+        norms take 26, laid out as the decoder's tokens.
         """
         _, norm1, act1, _, norm2, act2, _ = self.mask_downscaling
         first, first_bias, second, second_bias = weights if weights is not None else self.mask_token_weights()

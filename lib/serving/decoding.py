@@ -22,6 +22,7 @@ import torch
 
 from lib.modeling import SamMed2D
 from lib.modeling.mask_decoder import DecodedTokens
+from lib.modeling.transformer import Attention
 from lib.serving.embedding_cache import CachedEmbedding
 from lib.serving.preprocessing import POLICIES, FrameGeometry, PolicyName
 
@@ -95,14 +96,13 @@ def prompt_independent_inputs(
     return {"image_pe": image_pe, "src_no_mask": src_no_mask, **{f"first_layer.{k}": v for k, v in first_layer.items()}}
 
 
-# The first-layer terms a mask prompt moves, in the column order of mask_prompt_bases: the image tokens, then the
-# first block's projections of them (attention, projection).
-MOVED_TERMS = (
-    ("keys", None, None),
-    ("t2i_k", "cross_attn_token_to_image", "k_proj"),
-    ("t2i_v", "cross_attn_token_to_image", "v_proj"),
-    ("i2t_q", "cross_attn_image_to_token", "q_proj"),
-)
+def moved_terms(model: SamMed2D) -> list[tuple[str, Attention | None, torch.nn.Linear | None]]:
+    """The first-layer terms a mask prompt moves, in the column order of :func:`mask_prompt_bases`: the image tokens,
+    then the first block's three projections of them (:meth:`TwoWayAttentionBlock.image_terms`), each with its
+    attention and projection."""
+    block = model.mask_decoder.transformer.layers[0]
+    t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+    return [("keys", None, None), ("t2i_k", t2i, t2i.k_proj), ("t2i_v", t2i, t2i.v_proj), ("i2t_q", i2t, i2t.q_proj)]
 
 
 # PromptEncoder.mask_token_weights, kept with the first-layer terms.
@@ -124,18 +124,16 @@ def mask_prompt_bases(model: SamMed2D, first_layer: dict[str, torch.Tensor]) -> 
     last = prompt_encoder.mask_downscaling[-1]
     weight = last.weight.flatten(1)  # (C, 16)
     shift = last.bias - prompt_encoder.no_mask_embed.weight[0]  # (C,)
-    block = model.mask_decoder.transformer.layers[0]
     bases, weights = [], []
-    for name, attention, projection in MOVED_TERMS:
+    for name, _, projection in moved_terms(model):
         term = first_layer[name]
         if projection is None:
             bases.append(term + shift)
             weights.append(weight.t())
             continue
-        proj = getattr(getattr(block, attention), projection)
         flat = term.transpose(1, 2).reshape(term.shape[0], term.shape[2], -1)  # (1, heads, N, d) -> (1, N, D)
-        bases.append(flat + proj.weight @ shift)
-        weights.append((proj.weight @ weight).t())
+        bases.append(flat + projection.weight @ shift)
+        weights.append((projection.weight @ weight).t())
     token_weights = dict(zip(MASK_TOKEN_WEIGHTS, prompt_encoder.mask_token_weights(), strict=True))
     return {"mask_base": torch.cat(bases, dim=-1), "mask_weight": torch.cat(weights, dim=-1), **token_weights}
 
@@ -243,13 +241,12 @@ def mask_prompt_terms(
     channels = model.prompt_encoder.mask_token_channels(mask_input, token_weights)  # (R, h*w, 16)
     rows, weight = channels.shape[0], first_layer["mask_weight"]
     moved = torch.baddbmm(first_layer["mask_base"], channels, weight.expand(rows, -1, -1))  # (R, h*w, C + 3 D)
-    block = model.mask_decoder.transformer.layers[0]
     terms, start = {"key_pe": first_layer["key_pe"]}, 0
-    for name, attention, _ in MOVED_TERMS:
+    for name, attention, _ in moved_terms(model):
         term = first_layer[name]  # (1, N, C), or split into heads (1, heads, N, d)
         width = term.shape[-1] if attention is None else term.shape[1] * term.shape[3]
         part = moved[..., start : start + width]
-        terms[name] = part if attention is None else getattr(block, attention).separate_heads(part)
+        terms[name] = part if attention is None else attention.separate_heads(part)
         start += width
     return terms
 
