@@ -109,9 +109,9 @@ class RecordedGraph:
 def drop_unread_inputs(graph: torch._C.Graph, first: int, layers: list[int]) -> tuple[int, ...]:
     """Remove the graph inputs ``first, first + 1, ...`` (the packed weights of ``layers``) that no node reads; return
     the layers of those left."""
-    kept = []
-    for position in reversed(range(len(layers))):
-        if list(graph.inputs())[first + position].uses():
+    kept, inputs = [], list(graph.inputs())
+    for position in reversed(range(len(layers))):  # from the last: an erased input leaves the earlier ones in place
+        if inputs[first + position].uses():
             kept.insert(0, layers[position])
         else:
             graph.eraseInput(first + position)
@@ -239,8 +239,7 @@ class DecoderGraphs:
         key = layout(("mask", index, grid), named)
         with self._lock:
             if key not in self._masks:
-                # The masks read no packed weight (the up-scaling's products take the plain ones).
-                self._masks[key] = self._record(key, 0, mask, tuple(named.values()), packed=False)
+                self._masks[key] = self._record(key, 0, mask, tuple(named.values()))
             graph = self._masks[key]
         return None if graph is None else graph(*named.values())
 
@@ -281,7 +280,7 @@ class DecoderGraphs:
         with self._lock:
             if (key, points) in self._failed or self.max_graphs < 1:
                 return None
-        graph = self._record(key, points, fn, inputs, packed=True)
+        graph = self._record(key, points, fn, inputs)
         with self._lock:
             if graph is None:
                 self._failed.add((key, points))
@@ -296,15 +295,14 @@ class DecoderGraphs:
                     self._met.pop(oldest, None)
         return graph
 
-    def _record(
-        self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...], packed: bool
-    ) -> RecordedGraph | None:
-        """``fn`` of ``inputs`` recorded, or ``None``; with ``packed``, the packed weights that ``fn`` multiplied by
-        when it last ran (they exist then, :class:`PackedLinear`) are inputs too, after ``inputs``.
+    def _record(self, key: Layout, points: int, fn: Callable, inputs: tuple[torch.Tensor, ...]) -> RecordedGraph | None:
+        """``fn`` of ``inputs`` recorded, or ``None``; the packed weights that exist (:class:`PackedLinear` makes them
+        when a product reads them, as ``fn``'s eager run before does) are inputs too, after ``inputs``.
 
         The copies are not made here: where the products run in MKL (Intel processors) they are never made, and a
-        graph given one that its products do not read drops it (:func:`drop_unread_inputs`)."""
-        layers = [i for i, layer in enumerate(self._packed_layers) if packed and layer.packed is not None]
+        graph given one that its products do not read drops it (:func:`drop_unread_inputs`): a mask graph drops all
+        (the up-scaling's products take the plain weights)."""
+        layers = [i for i, layer in enumerate(self._packed_layers) if layer.packed is not None]
         weights = self._packed_weights(tuple(layers))
 
         def traced(*args):  # noqa: ANN002, ANN202 (traced): the packed weights come last, as inputs
@@ -321,7 +319,7 @@ class DecoderGraphs:
         except Exception:  # a prompt that cannot be recorded decodes eagerly
             logger.exception("Cannot record the decoder graph of %s; it decodes eagerly", key[0])
             return None
-        # The tracer's garbage stays in this thread's heap until trimmed (about 10 MB on a request thread's first).
+        # The tracer's garbage stays in this thread's heap until trimmed.
         release_freed_memory(collect=False)
         logger.info("Recorded the decoder graph of %s in %.0f ms", key[0], 1000 * (time.perf_counter() - start))
         return recorded
